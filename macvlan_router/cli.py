@@ -1,0 +1,212 @@
+"""Command line: run, check, status, cleanup. Also the composition root that wires the edges."""
+
+import argparse
+import json
+import logging
+import sys
+
+from . import __version__
+from . import config as config_mod
+from . import log as log_mod
+from .errors import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, DockerUnavailable, \
+    MacvlanRouterError
+
+log = logging.getLogger("macvlan_router")
+
+
+def build(config):
+    """Create the real edges (imported here so `--help` works without them)."""
+    from .docker_source import DockerSource, docker_host
+    from .netlink import Netlink
+    from .reconcile import Reconciler
+    url = docker_host(config)
+    return Reconciler(config, DockerSource(url), Netlink()), url
+
+
+def cmd_run(args, config):
+    from .daemon import Daemon
+    from .notify import Notifier
+    reconciler, url = build(config)
+    return Daemon(args.config, reconciler, Notifier(), url).run()
+
+
+def _gather(config):
+    """Docker's view (or the reason it is missing) and the computed outcome."""
+    from .docker_source import REFRESH_ALL
+    reconciler, url = build(config)
+    host = reconciler.netlink.read()
+    try:
+        reconciler.refresh({REFRESH_ALL})
+    except DockerUnavailable as exc:
+        return reconciler, url, host, None, str(exc)
+    return reconciler, url, host, reconciler.compute(host), None
+
+
+def cmd_check(args, config):
+    reconciler, url, host, outcome, docker_error = _gather(config)
+    print(f"configuration {args.config}: valid")
+    if docker_error:
+        print(f"error: {docker_error}")
+        return EX_UNAVAILABLE
+    print(f"Docker at {url}: reachable")
+    desired = outcome.desired
+    if not desired.networks:
+        print("no macvlan network to manage"
+              + ("" if config.networks else " (MACVLAN_DOCKER_NETWORK is unset: all of them)"))
+    for managed in desired.networks:
+        network = managed.network
+        subnets = ", ".join(map(str, network.subnets)) or "no subnet"
+        print(f"network {network.name} ({network.id[:12]}): parent {network.parent or '-'}, "
+              f"{subnets}, {len(network.endpoints)} container(s), shim {managed.shim or '-'}")
+    for name, shim in sorted(desired.shims.items()):
+        addresses = " ".join(str(a) for a in sorted(shim.addresses, key=lambda a: (a.version, a)))
+        print(f"shim {name} on {shim.parent}: {addresses or 'no address'}")
+    for problem in outcome.problems:
+        print(f"{problem.kind}: {problem.message}")
+    if outcome.errors:
+        print(f"{len(outcome.errors)} problem(s) to fix in {args.config}, Docker or the host")
+        return EX_CONFIG
+    print("all good")
+    return EX_OK
+
+
+def status_report(host, outcome, url, docker_error):
+    from .plan import owned_shims
+    shims = owned_shims(host)
+    owners = {}
+    if outcome is not None:
+        owners = {dst: spec for dst, spec in outcome.desired.routes.items()}
+    report = {
+        "docker": {"host": url, "reachable": docker_error is None, "error": docker_error},
+        "shims": [{
+            "name": name,
+            "parent": host.link_name(link.parent_index),
+            "mac": link.mac,
+            "up": link.up,
+            "addresses": [str(a.interface) for a in host.addresses_of(name)
+                          if not a.ip.is_link_local],
+        } for name, link in sorted(shims.items())],
+        "routes": [],
+        "networks": [],
+        "problems": [] if outcome is None else [
+            {"kind": p.kind, "network": p.network, "message": p.message}
+            for p in outcome.problems],
+    }
+    for route in sorted((r for r in host.routes if r.owned),
+                        key=lambda r: (r.dst.version, r.dst)):
+        spec = owners.get(route.dst)
+        report["routes"].append({
+            "dst": str(route.dst), "dev": route.ifname,
+            "src": str(route.src) if route.src else None,
+            "network": spec.network if spec else None,
+            "container": spec.container_name if spec else None,
+        })
+    routed = {r.dst.network_address for r in host.routes if r.owned}
+    for managed in (outcome.desired.networks if outcome else ()):
+        network = managed.network
+        report["networks"].append({
+            "name": network.name, "id": network.id, "parent": network.parent,
+            "shim": managed.shim, "subnets": [str(s) for s in network.subnets],
+            "containers": [{
+                "id": e.container_id, "name": e.container_name,
+                "ipv4": str(e.ipv4) if e.ipv4 else None,
+                "ipv6": str(e.ipv6) if e.ipv6 else None,
+                "routed": all(a in routed for a in (e.ipv4, e.ipv6) if a is not None),
+            } for e in network.endpoints],
+        })
+    return report
+
+
+def cmd_status(args, config):
+    _, url, host, outcome, docker_error = _gather(config)
+    report = status_report(host, outcome, url, docker_error)
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        print()
+    else:
+        print_status(report)
+    return EX_UNAVAILABLE if docker_error else EX_OK
+
+
+def print_status(report):
+    if not report["shims"]:
+        print("no shim interface: macvlan-router manages nothing on this host right now")
+    for shim in report["shims"]:
+        state = "up" if shim["up"] else "DOWN"
+        print(f"shim {shim['name']} on {shim['parent']} ({state}): "
+              f"{' '.join(shim['addresses']) or 'no address'}")
+        for route in report["routes"]:
+            if route["dev"] == shim["name"]:
+                why = (f"{route['container']} on {route['network']}" if route["container"]
+                       else route["network"] or "not wanted any more")
+                print(f"  {route['dst']:<28} {why}")
+    docker = report["docker"]
+    if not docker["reachable"]:
+        print(f"Docker: {docker['error']}")
+    for network in report["networks"]:
+        unrouted = [c["name"] for c in network["containers"] if not c["routed"]]
+        print(f"network {network['name']}: parent {network['parent']}, shim {network['shim']}, "
+              f"{len(network['containers'])} container(s)"
+              + (f", not routed: {', '.join(unrouted)}" if unrouted else ""))
+    for problem in report["problems"]:
+        print(f"{problem['kind']}: {problem['message']}")
+
+
+def cmd_cleanup(args, config):
+    from .netlink import Netlink
+    from .reconcile import cleanup
+    if args.if_enabled and not config.cleanup_on_exit:
+        log.info("CLEANUP_ON_EXIT=false: leaving the shims and routes in place")
+        return EX_OK
+    netlink = Netlink()
+    failed, count = cleanup(netlink)
+    if not count:
+        log.info("nothing to remove")
+    return EX_FAILURE if failed else EX_OK
+
+
+def parser():
+    top = argparse.ArgumentParser(
+        prog="macvlan-router",
+        description="Let this Docker host reach its own containers on macvlan networks.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    def command(name, func, help_text):
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", metavar="PATH", default=config_mod.DEFAULT_PATH,
+                         help=f"configuration file (default {config_mod.DEFAULT_PATH})")
+        sub.set_defaults(func=func)
+        return sub
+
+    command("run", cmd_run, "run the daemon in the foreground")
+    command("check", cmd_check, "validate the configuration against Docker and this host")
+    status = command("status", cmd_status, "show the shims, routes and networks managed now")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    cleanup = command("cleanup", cmd_cleanup, "remove every link and route macvlan-router owns")
+    cleanup.add_argument("--if-enabled", action="store_true",
+                         help="do nothing when CLEANUP_ON_EXIT=false (for ExecStopPost=)")
+    return top
+
+
+def main(argv=None):
+    args = parser().parse_args(argv)
+    log_mod.setup(daemon=args.command == "run")
+    try:
+        config = config_mod.load(args.config)
+    except MacvlanRouterError as exc:
+        log.error("configuration error: %s", exc)
+        return exc.exit_status
+    log_mod.set_level(config.log_level)
+    try:
+        return args.func(args, config)
+    except MacvlanRouterError as exc:
+        log.error("%s", exc)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The daemon's main loop: triggers in, reconciles out, systemd kept informed.
+
+Threads (Docker events, netlink monitor) and signal handlers only put a trigger
+on a queue; all the work happens here, in the main thread, so the watchdog ping
+stops whenever that work hangs.
+"""
+
+import logging
+import queue
+import signal
+import time
+
+from . import config as config_mod
+from . import log as log_mod
+from .docker_source import REFRESH_ALL, EventWatcher
+from .errors import EX_CONFIG, EX_OK, ConfigError, DockerUnavailable, PermissionDenied
+from .netlink import Monitor
+from .reconcile import cleanup
+
+log = logging.getLogger(__name__)
+
+STOP, RELOAD, HOST, DOCKER, LOST = "stop", "reload", "host", "docker", "lost"
+MAX_RETRY = 30.0
+
+
+class Daemon:
+    def __init__(self, config_path, reconciler, notifier, docker_url, clock=time.monotonic):
+        self.config_path = config_path
+        self.reconciler = reconciler
+        self.notifier = notifier
+        self.docker_url = docker_url
+        self.clock = clock
+        # SimpleQueue.put is reentrant: safe to call from a signal handler.
+        self.triggers = queue.SimpleQueue()
+        self.watcher = EventWatcher(docker_url, lambda scope: self.triggers.put((DOCKER, scope)),
+                                    lambda why: self.triggers.put((LOST, why)))
+        self.monitor = Monitor(lambda: self.triggers.put((HOST, None)))
+        self.ready = False
+        self.started = False          # the first reconcile with Docker's state has run
+        self.docker_up = False
+        self.waiting_message = None
+        self.last_problems = ()
+        self.scope = set()
+        self.retry_delay = 1.0
+        self.retry_at = None
+
+    @property
+    def config(self):
+        return self.reconciler.config
+
+    def run(self):
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: self.triggers.put((STOP, None)))
+        signal.signal(signal.SIGHUP, lambda *_: self.triggers.put((RELOAD, None)))
+        log.info("macvlan-router starting: Docker at %s, configuration %s",
+                 self.docker_url, self.config_path)
+        self.watcher.start()
+        self.monitor.start()
+        next_resync = self.clock() + self.config.resync_interval
+        while True:
+            kinds = self._wait(next_resync)
+            self.notifier.watchdog()
+            if STOP in kinds:
+                return self._stop()
+            if RELOAD in kinds:
+                self._reload()
+            if self.clock() >= next_resync:
+                self.scope.add(REFRESH_ALL)
+                next_resync = self.clock() + self.config.resync_interval
+            due = bool(kinds & {HOST, DOCKER, RELOAD}) or self._retry_due()
+            status = self._cycle(force=due)
+            if status is not None:
+                return status
+
+    def _wait(self, next_resync):
+        """Block for the next trigger, then take every trigger already queued (coalescing)."""
+        deadlines = [next_resync] + ([self.retry_at] if self.retry_at else [])
+        timeout = max(0.0, min(deadlines) - self.clock())
+        if self.notifier.watchdog_interval:
+            timeout = min(timeout, self.notifier.watchdog_interval)
+        items = []
+        try:
+            items.append(self.triggers.get(timeout=timeout))
+            while True:
+                items.append(self.triggers.get_nowait())
+        except queue.Empty:
+            pass
+        kinds = set()
+        for kind, arg in items:
+            kinds.add(kind)
+            if kind == DOCKER:
+                self.scope.add(arg)
+                self.docker_up = True
+            elif kind == LOST:
+                self._docker_lost(arg)
+        return kinds
+
+    def _retry_due(self):
+        return self.retry_at is not None and self.clock() >= self.retry_at
+
+    def _docker_lost(self, message):
+        if self.docker_up or self.waiting_message is None:
+            log.warning("%s; waiting for it (routes stay as they are)", message)
+        self.docker_up = False
+        self.waiting_message = f"waiting for Docker at {self.docker_url}"
+        if not self.ready:
+            # systemctl start must not hang while Docker is away: ready, but say so.
+            self.notifier.ready(self.waiting_message)
+            self.ready = True
+        else:
+            self.notifier.status(self.waiting_message)
+
+    def _cycle(self, force):
+        """Refresh from Docker if asked, reconcile; returns an exit status to stop with."""
+        if self.scope and self.docker_up:
+            try:
+                self.reconciler.refresh(self.scope)
+                self.scope.clear()
+                self.waiting_message = None
+                force = True
+            except DockerUnavailable as exc:
+                self._docker_lost(str(exc))
+        if not force or not self.reconciler.knows_docker:
+            return None
+        try:
+            outcome = self.reconciler.step()
+        except DockerUnavailable as exc:
+            self._docker_lost(str(exc))
+            return None
+        except PermissionDenied:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the daemon must outlive a bad cycle
+            log.exception("reconcile failed, retrying in %.0f s: %s", self.retry_delay, exc)
+            self._schedule_retry()
+            return None
+        if not self.started:
+            self.started = True
+            if outcome.errors:
+                for problem in outcome.errors:
+                    log.error("%s", problem.message, extra=log_mod.fields(network=problem.network))
+                log.error("stopping: fix the problems above in %s and restart "
+                          "(macvlan-router check shows them)", self.config_path)
+                self.notifier.status("configuration error: " + outcome.errors[0].message)
+                return EX_CONFIG
+        self._report(outcome)
+        if outcome.failed:
+            self._schedule_retry()
+        else:
+            self.retry_at, self.retry_delay = None, 1.0
+        return None
+
+    def _schedule_retry(self):
+        self.retry_at = self.clock() + self.retry_delay
+        self.retry_delay = min(self.retry_delay * 2, MAX_RETRY)
+
+    def _report(self, outcome):
+        if outcome.problems != self.last_problems:
+            for problem in outcome.problems:
+                if problem not in self.last_problems:
+                    level = logging.ERROR if problem.kind == "error" else logging.WARNING
+                    log.log(level, "%s", problem.message,
+                            extra=log_mod.fields(network=problem.network))
+            self.last_problems = outcome.problems
+        status = self.waiting_message or outcome.summary()
+        if not self.ready:
+            log.info("ready: %s", status)
+            self.notifier.ready(status)
+            self.ready = True
+        else:
+            self.notifier.status(status)
+
+    def _reload(self):
+        self.notifier.reloading()
+        try:
+            new = config_mod.load(self.config_path)
+        except ConfigError as exc:
+            log.error("reload: %s; keeping the previous configuration", exc)
+        else:
+            if new.docker_host != self.config.docker_host:
+                log.warning("reload: DOCKER_HOST changes only on restart "
+                            "(systemctl restart macvlan-router)")
+            self.reconciler.config = new
+            log_mod.set_level(new.log_level)
+            self.scope.add(REFRESH_ALL)
+            log.info("reloaded %s", self.config_path)
+        self.notifier.ready(self.waiting_message or "reloaded")
+
+    def _stop(self):
+        self.notifier.stopping()
+        self.watcher.stop()
+        if self.config.cleanup_on_exit:
+            failed, _ = cleanup(self.reconciler.netlink)
+            log.info("stopped%s", f"; {failed} removals failed" if failed else
+                     " and removed the shims and routes it owned")
+        else:
+            log.info("stopped; shims and routes stay (CLEANUP_ON_EXIT=false)")
+        return EX_OK

@@ -1,0 +1,270 @@
+"""What the host should look like: a pure function of config, Docker networks and host.
+
+No I/O here. Every decision that can go wrong for the user becomes a Problem
+whose message names the network, the setting, the value and the fix.
+"""
+
+import hashlib
+import ipaddress
+from collections import defaultdict
+
+from .config import IFNAMSIZ
+from .model import LINK_ALIAS, Desired, ManagedNetwork, Problem, RouteSpec, ShimSpec
+
+COMPOSE_NETWORK_LABEL = "com.docker.compose.network"
+SHIM_PREFIX = "mvr-"
+SELECT_ALL = "every macvlan network"
+
+
+def select_networks(selectors, networks):
+    """Pick the managed networks from Docker's list; returns (networks, problems).
+
+    No selectors means every macvlan network. A name also matches the short
+    name Compose records in a label, since Compose prefixes the project name.
+    """
+    macvlan = [n for n in networks if n.driver == "macvlan"]
+    if not selectors:
+        return macvlan, []
+    chosen, problems = {}, []
+    for selector in selectors:
+        matches = _matches(selector, networks)
+        wrong = [n for n in matches if n.driver != "macvlan"]
+        for network in wrong:
+            problems.append(Problem(
+                f"MACVLAN_DOCKER_NETWORK={selector.text}: network {network.name} uses the "
+                f"{network.driver} driver, not macvlan; name a macvlan network", network.name))
+        for network in matches:
+            if network.driver == "macvlan":
+                chosen.setdefault(network.id, network)
+        if not matches and not selector.is_label:
+            known = ", ".join(sorted(n.name for n in macvlan)) or "none"
+            problems.append(Problem(
+                f"MACVLAN_DOCKER_NETWORK={selector.text}: Docker has no network with that "
+                f"name or ID (macvlan networks now: {known}); create it or fix the setting"))
+    return list(chosen.values()), problems
+
+
+def _matches(selector, networks):
+    if selector.is_label:
+        return [n for n in networks
+                if any(k == selector.label_key
+                       and (selector.label_value is None or v == selector.label_value)
+                       for k, v in n.labels)]
+    exact = [n for n in networks if n.name == selector.text or n.id == selector.text]
+    if exact:
+        return exact
+    composed = [n for n in networks if (COMPOSE_NETWORK_LABEL, selector.text) in n.labels]
+    if composed:
+        return composed
+    by_prefix = [n for n in networks if n.id.startswith(selector.text.lower())]
+    return by_prefix if len(by_prefix) == 1 else []
+
+
+def default_shim_name(parent):
+    name = SHIM_PREFIX + parent
+    if len(name.encode()) < IFNAMSIZ:
+        return name
+    # Keep it readable and stable: a prefix of the parent plus a short hash of all of it.
+    digest = hashlib.sha256(parent.encode()).hexdigest()[:4]
+    room = IFNAMSIZ - 1 - len(SHIM_PREFIX) - 1 - len(digest)
+    return f"{SHIM_PREFIX}{parent.encode()[:room].decode(errors='ignore')}-{digest}"
+
+
+def stable_mac(machine_id, parent):
+    """A locally administered unicast MAC that stays the same across restarts and reboots.
+
+    LAN neighbours cache the shim's MAC; a random one on every restart would leave
+    them with stale entries.
+    """
+    if not machine_id:
+        return None
+    digest = bytearray(hashlib.sha256(f"{machine_id}:{parent}:mac".encode()).digest()[:6])
+    digest[0] = (digest[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in digest)
+
+
+def stable_ipv6(machine_id, parent, subnet, taken):
+    """An address in `subnet` derived from the machine and parent, avoiding `taken`."""
+    host_bits = subnet.max_prefixlen - subnet.prefixlen
+    if host_bits < 2:
+        return None
+    for attempt in range(64):
+        seed = f"{machine_id}:{parent}:{subnet}:{attempt}".encode()
+        number = int.from_bytes(hashlib.sha256(seed).digest(), "big") % (2 ** host_bits)
+        candidate = subnet.network_address + number
+        if number not in (0, 1) and candidate != subnet.broadcast_address \
+                and candidate not in taken:
+            return candidate
+    return None
+
+
+def compute(config, networks, host):
+    """Return the Desired state for the managed `networks` on `host`."""
+    problems = []
+    shims, routes, managed = {}, {}, []
+    host_ips = _host_ips(host)
+    by_parent = defaultdict(list)
+    for network in networks:
+        if network.parent:
+            by_parent[network.parent].append(network)
+        else:
+            managed.append(ManagedNetwork(network, None))
+    used_v4, used_v6 = set(), set()
+    names = _shim_names(config, sorted(by_parent), problems)
+
+    for parent in sorted(by_parent):
+        members = by_parent[parent]
+        name = names.get(parent)
+        parent_link = host.link(parent)
+        if name is None or parent_link is None:
+            if name is not None:
+                for network in members:
+                    problems.append(Problem(
+                        f"network {network.name}: its parent interface {parent} does not "
+                        f"exist on this host; create {parent} or recreate the network with "
+                        "-o parent=<an existing interface>", network.name))
+            managed.extend(ManagedNetwork(n, None) for n in members)
+            continue
+        if not parent_link.up:
+            problems.append(Problem(f"parent interface {parent} is down; waiting for it",
+                                    kind="waiting"))
+        shim_addresses = set()
+        for network in members:
+            managed.append(ManagedNetwork(network, name))
+            sources = {}
+            for subnet in network.subnets:
+                source = _shim_address(config, network, subnet, parent, host,
+                                       host_ips, problems)
+                if source is None:
+                    continue
+                (used_v4 if subnet.version == 4 else used_v6).add(source)
+                sources[subnet] = source
+                shim_addresses.add(ipaddress.ip_interface(f"{source}/{source.max_prefixlen}"))
+            for endpoint in network.endpoints:
+                for address in (endpoint.ipv4, endpoint.ipv6):
+                    if address is not None:
+                        _route_endpoint(network, endpoint, address, sources, name,
+                                        host_ips, routes, problems)
+        if shim_addresses or any(n.subnets for n in members):
+            shims[name] = ShimSpec(name=name, parent=parent,
+                                   mac=stable_mac(host.machine_id, parent),
+                                   addresses=frozenset(shim_addresses))
+
+    _unused_addresses(config.bridge_ips, used_v4, "MACVLAN_BRIDGE_IP", networks, problems)
+    _unused_addresses(config.bridge_ip6s, used_v6, "MACVLAN_BRIDGE_IP6", networks, problems)
+    _additional_routes(config.additional_routes, shims, managed, routes, problems)
+    return Desired(shims=shims, routes=routes, networks=tuple(managed),
+                   problems=tuple(problems))
+
+
+def _host_ips(host):
+    """Addresses the host holds on links that are not our shims (ours are derived)."""
+    ours = {link.name for link in host.links if link.alias == LINK_ALIAS}
+    return {a.ip: a.ifname for a in host.addresses if a.ifname not in ours}
+
+
+def _shim_names(config, parents, problems):
+    explicit = dict(config.interface_names)
+    names = {}
+    if None in explicit:
+        if len(parents) > 1:
+            problems.append(Problem(
+                f"MACVLAN_BRIDGE_INTERFACE_NAME={explicit[None]} names one shim, but the "
+                f"managed networks use {len(parents)} parents ({', '.join(parents)}); "
+                "write PARENT=NAME for each, e.g. "
+                + " ".join(f"{p}={default_shim_name(p)}" for p in parents)))
+            return {}
+        return {parent: explicit[None] for parent in parents}
+    for parent in parents:
+        names[parent] = explicit.get(parent) or default_shim_name(parent)
+    return names
+
+
+def _shim_address(config, network, subnet, parent, host, host_ips, problems):
+    """The shim's own address for one subnet of `network`, or None (with a Problem)."""
+    taken = {e.ipv4 for e in network.endpoints} | {e.ipv6 for e in network.endpoints}
+    if subnet.version == 4:
+        configured = [a for a in config.bridge_ips if a in subnet]
+        if configured:
+            return configured[0]
+        reuse = [a.ip for a in host.addresses_of(parent) if a.ip in subnet]
+        if reuse:
+            return reuse[0]
+        hint = ("none of MACVLAN_BRIDGE_IP=" + ",".join(map(str, config.bridge_ips))
+                + " lies in it, and " if config.bridge_ips else "")
+        problems.append(Problem(
+            f"network {network.name} ({subnet} on {parent}): {hint}the host has no address "
+            f"in {subnet} on {parent} to reuse; set MACVLAN_BRIDGE_IP to a free address of "
+            f"{subnet} (and keep Docker off it with --aux-address)", network.name))
+        return None
+    configured = [a for a in config.bridge_ip6s if a in subnet]
+    if configured:
+        return configured[0]
+    generated = stable_ipv6(host.machine_id or network.id, parent, subnet,
+                            taken | set(host_ips) | set(network.reserved))
+    if generated is None:
+        problems.append(Problem(
+            f"network {network.name} ({subnet} on {parent}): the subnet has no room for a "
+            "generated shim address; set MACVLAN_BRIDGE_IP6", network.name))
+    return generated
+
+
+def _route_endpoint(network, endpoint, address, sources, shim, host_ips, routes, problems):
+    subnet = next((s for s in sources if address in s), None)
+    if subnet is None:
+        return  # No shim address for that subnet: already reported.
+    source = sources[subnet]
+    who = f"container {endpoint.container_name} ({endpoint.short_id}) on network {network.name}"
+    if address == source or address in host_ips:
+        six = "6" if address.version == 6 else ""
+        owner, other = ((f"the shim's address on {shim}",
+                         f", or set MACVLAN_BRIDGE_IP{six} to another free address")
+                        if address == source else
+                        (f"the host's own address on {host_ips[address]}", ""))
+        problems.append(Problem(
+            f"{who} holds {address}, {owner}; that container is not routed. Keep Docker "
+            f"off it (docker network create ... --aux-address host={address}){other}",
+            network.name))
+        return
+    dst = ipaddress.ip_network(address)
+    if dst in routes:
+        problems.append(Problem(
+            f"{who} holds {address}, which network {routes[dst].network} also routes; "
+            "overlapping subnets on two parents cannot both be reached", network.name))
+        return
+    routes[dst] = RouteSpec(dst=dst, shim=shim, src=source, network=network.name,
+                            container_id=endpoint.container_id,
+                            container_name=endpoint.container_name)
+
+
+def _unused_addresses(configured, used, key, networks, problems):
+    subnets = ", ".join(f"{n.name}: {s}" for n in networks for s in n.subnets) or "none"
+    for address in configured:
+        if address not in used:
+            problems.append(Problem(
+                f"{key}={address} lies in none of the managed networks' subnets "
+                f"({subnets}); use a free address inside one of them"))
+
+
+def _additional_routes(prefixes, shims, managed, routes, problems):
+    subnets = [(s, m.shim) for m in managed if m.shim in shims for s in m.network.subnets]
+    for prefix in prefixes:
+        family = [(subnet, shim) for subnet, shim in subnets if subnet.version == prefix.version]
+        inside = [(subnet, shim) for subnet, shim in family if prefix.subnet_of(subnet)]
+        candidates = sorted({shim for _, shim in inside or family})
+        if len(candidates) != 1:
+            problems.append(Problem(
+                f"ADDITIONAL_ROUTES entry {prefix}: " + (
+                    f"no managed network has an IPv{prefix.version} subnet to route it through"
+                    if not candidates else
+                    f"it lies outside every managed subnet and there are several shims "
+                    f"({', '.join(candidates)}) to choose from; list a prefix inside one of "
+                    "the networks' subnets")))
+            continue
+        shim = shims[candidates[0]]
+        own = sorted(a.ip for a in shim.addresses if a.version == prefix.version)
+        preferred = [ip for ip in own if any(ip in subnet for subnet, _ in inside)]
+        if prefix in routes or not own:
+            continue
+        routes[prefix] = RouteSpec(dst=prefix, shim=shim.name, src=(preferred or own)[0],
+                                   network="ADDITIONAL_ROUTES")

@@ -1,0 +1,152 @@
+"""Plain values shared by the pure logic and the edges.
+
+Docker and netlink are translated into these at the edges, so desired.py and
+plan.py never see a library object and can be tested with literals.
+"""
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Optional, Tuple
+
+# Our rtnetlink protocol number: above everything iproute2 names in rt_protos.
+ROUTE_PROTO = 210
+ROUTE_PROTO_NAME = "macvlan-router"
+# IFLA_IFALIAS on every link we create: our claim of ownership.
+LINK_ALIAS = "macvlan-router"
+MAIN_TABLE = 254
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    container_id: str
+    container_name: str
+    ipv4: Optional[ipaddress.IPv4Address] = None
+    ipv6: Optional[ipaddress.IPv6Address] = None
+
+    @property
+    def short_id(self):
+        return self.container_id[:12]
+
+
+@dataclass(frozen=True)
+class Network:
+    """A Docker macvlan network, with its --config-from network already followed."""
+
+    id: str
+    name: str
+    parent: Optional[str]
+    driver: str = "macvlan"
+    subnets: Tuple[ipaddress._BaseNetwork, ...] = ()
+    endpoints: Tuple[Endpoint, ...] = ()
+    # Gateways and --aux-address entries: addresses Docker will not hand out.
+    reserved: FrozenSet[ipaddress._BaseAddress] = frozenset()
+    labels: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Link:
+    index: int
+    name: str
+    kind: Optional[str] = None
+    alias: Optional[str] = None
+    parent_index: Optional[int] = None
+    up: bool = True
+    mac: Optional[str] = None
+    macvlan_mode: Optional[str] = None
+    arp_filter: Optional[bool] = None
+
+
+@dataclass(frozen=True)
+class Address:
+    ifname: str
+    interface: ipaddress._BaseAddress  # an ip_interface: address and prefix
+    tentative: bool = False
+    dad_failed: bool = False
+
+    @property
+    def ip(self):
+        return self.interface.ip
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route in the main table, as netlink reports it."""
+
+    dst: ipaddress._BaseNetwork
+    ifname: Optional[str]
+    proto: int
+    src: Optional[ipaddress._BaseAddress] = None
+    scope: int = 0
+    priority: int = 0
+
+    @property
+    def owned(self):
+        return self.proto == ROUTE_PROTO
+
+
+@dataclass(frozen=True)
+class Host:
+    """What netlink shows of this network namespace: every link, address and main route."""
+
+    links: Tuple[Link, ...] = ()
+    addresses: Tuple[Address, ...] = ()
+    routes: Tuple[Route, ...] = ()
+    machine_id: str = ""
+
+    def link(self, name):
+        return next((link for link in self.links if link.name == name), None)
+
+    def link_name(self, index):
+        return next((link.name for link in self.links if link.index == index), None)
+
+    def addresses_of(self, name):
+        return tuple(a for a in self.addresses if a.ifname == name)
+
+
+@dataclass(frozen=True)
+class ShimSpec:
+    name: str
+    parent: str
+    mac: Optional[str]
+    addresses: FrozenSet[ipaddress._BaseAddress]  # ip_interface /32 and /128
+    # Only needed when the shim reuses the host's IPv4 address.
+    arp_filter: bool = True
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    dst: ipaddress._BaseNetwork
+    shim: str
+    src: Optional[ipaddress._BaseAddress]
+    # Why the route exists: for logs and status, not part of its identity.
+    network: str = field(default="", compare=False)
+    container_id: str = field(default="", compare=False)
+    container_name: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something the user should know, worded as what is wrong and what to do.
+
+    kind "error": the user must fix it (fatal when present at start);
+    "warning": we step aside for something the user set up; "waiting": it fixes
+    itself (a parent interface still down).
+    """
+
+    message: str
+    network: Optional[str] = None
+    kind: str = "error"
+
+
+@dataclass(frozen=True)
+class ManagedNetwork:
+    network: Network
+    shim: Optional[str]
+
+
+@dataclass
+class Desired:
+    shims: Dict[str, ShimSpec] = field(default_factory=dict)
+    routes: Dict[ipaddress._BaseNetwork, RouteSpec] = field(default_factory=dict)
+    networks: Tuple[ManagedNetwork, ...] = ()
+    problems: Tuple[Problem, ...] = ()

@@ -1,0 +1,281 @@
+"""The netlink edge: read the host into model values, apply plan actions, watch for changes."""
+
+import errno
+import ipaddress
+import logging
+import socket
+import threading
+import time
+
+from pyroute2 import IPRoute
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla, nlmsg
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_NEWADDR,
+                                   RTM_NEWLINK, RTM_SETLINK)
+
+from . import plan as actions
+from .errors import PermissionDenied
+from .model import LINK_ALIAS, MAIN_TABLE, ROUTE_PROTO, Address, Host, Link, Route
+
+log = logging.getLogger(__name__)
+
+IFF_UP = 0x1
+IFA_F_NOPREFIXROUTE = 0x200
+IFA_F_TENTATIVE = 0x40
+IFA_F_DADFAILED = 0x08
+MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
+RTMGRP_LINK = 0x1
+RTMGRP_IPV4_IFADDR = 0x10
+RTMGRP_IPV4_ROUTE = 0x40
+RTMGRP_IPV6_IFADDR = 0x100
+RTMGRP_IPV6_ROUTE = 0x400
+MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
+# Errors that mean "already as wanted" for the action that got them.
+ALREADY_DONE = {
+    actions.LinkDel: (errno.ENODEV,),
+    actions.AddrAdd: (errno.EEXIST,),
+    actions.AddrDel: (errno.EADDRNOTAVAIL,),
+    actions.RouteDel: (errno.ESRCH,),
+}
+
+
+class _DevconfRequest(nlmsg):
+    """RTM_SETLINK carrying IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF.
+
+    Setting arp_filter over netlink, not /proc/sys, keeps working where /proc/sys
+    is read-only (ProtectKernelTunables=, containers). pyroute2 models AF_INET conf
+    only as the read-side struct, so the write side is spelled out here.
+    """
+
+    fields = (("family", "B"), ("__align", "x"), ("ifi_type", "H"), ("index", "i"),
+              ("flags", "I"), ("change", "I"))
+    nla_map = ((26, "IFLA_AF_SPEC", "af_spec"),)
+
+    class af_spec(nla):
+        nla_map = ((socket.AF_INET, "AF_INET", "inet"),)
+
+        class inet(nla):
+            nla_map = ((1, "IFLA_INET_CONF", "conf"),)
+
+            class conf(nla):
+                nla_map = ((13, "IPV4_DEVCONF_ARPFILTER", "uint32"),)
+
+
+def read_machine_id():
+    for path in MACHINE_ID_PATHS:
+        try:
+            with open(path, encoding="ascii") as handle:
+                value = handle.read().strip()
+        except OSError:
+            continue
+        if value:
+            return value
+    return ""
+
+
+def _attr(msg, *names):
+    """Follow nested attributes; None when any level is missing."""
+    for name in names:
+        if msg is None:
+            return None
+        msg = msg.get_attr(name)
+    return msg
+
+
+def _flags(msg):
+    value = msg.get_attr("IFA_FLAGS")
+    return msg["flags"] if value is None else value
+
+
+class Netlink:
+    """One rtnetlink socket in the current network namespace."""
+
+    def __init__(self, machine_id=None):
+        self.ipr = IPRoute()
+        self.machine_id = read_machine_id() if machine_id is None else machine_id
+
+    def close(self):
+        self.ipr.close()
+
+    def read(self):
+        links = tuple(self._link(msg) for msg in self.ipr.get_links())
+        names = {link.index: link.name for link in links}
+        addresses = []
+        for msg in self.ipr.get_addr():
+            ifname = names.get(msg["index"])
+            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+            if ifname is None or address is None:
+                continue
+            flags = _flags(msg)
+            addresses.append(Address(
+                ifname=ifname,
+                interface=ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"),
+                tentative=bool(flags & IFA_F_TENTATIVE),
+                dad_failed=bool(flags & IFA_F_DADFAILED)))
+        routes = []
+        for family in (socket.AF_INET, socket.AF_INET6):
+            for msg in self.ipr.get_routes(family=family, table=MAIN_TABLE):
+                route = self._route(msg, names)
+                if route is not None:
+                    routes.append(route)
+        return Host(links=links, addresses=tuple(addresses), routes=tuple(routes),
+                    machine_id=self.machine_id)
+
+    @staticmethod
+    def _link(msg):
+        info = msg.get_attr("IFLA_LINKINFO")
+        mode = _attr(info, "IFLA_INFO_DATA", "IFLA_MACVLAN_MODE")
+        inet = _attr(msg, "IFLA_AF_SPEC", "AF_INET")
+        return Link(
+            index=msg["index"],
+            name=msg.get_attr("IFLA_IFNAME"),
+            kind=_attr(info, "IFLA_INFO_KIND"),
+            alias=msg.get_attr("IFLA_IFALIAS"),
+            parent_index=msg.get_attr("IFLA_LINK"),
+            up=bool(msg["flags"] & IFF_UP),
+            mac=msg.get_attr("IFLA_ADDRESS"),
+            macvlan_mode=MACVLAN_MODES.get(mode, mode),
+            arp_filter=None if inet is None else bool(inet["arpfilter"]))
+
+    @staticmethod
+    def _route(msg, names):
+        table = msg.get_attr("RTA_TABLE") or msg["table"]
+        if table != MAIN_TABLE or msg["type"] != 1:  # RTN_UNICAST only
+            return None
+        family = msg["family"]
+        dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
+        src = msg.get_attr("RTA_PREFSRC")
+        return Route(
+            dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False),
+            ifname=names.get(msg.get_attr("RTA_OIF")),
+            proto=msg["proto"],
+            src=ipaddress.ip_address(src) if src else None,
+            scope=msg["scope"],
+            priority=msg.get_attr("RTA_PRIORITY") or 0)
+
+    def index(self, name, host):
+        link = host.link(name)
+        if link is not None:
+            return link.index
+        found = self.ipr.link_lookup(ifname=name)
+        if not found:
+            raise NetlinkError(errno.ENODEV, f"no interface {name}")
+        return found[0]
+
+    def apply(self, plan_actions, host, why=lambda action: ({}, "")):
+        """Carry out the actions in order; returns how many failed.
+
+        `why(action)` gives journal fields and a human reason for the log line.
+        A failure is logged and the rest goes on: the next reconcile retries.
+        """
+        failed = 0
+        for action in plan_actions:
+            fields, reason = why(action)
+            try:
+                self._do(action, host)
+            except NetlinkError as exc:
+                if exc.code in ALREADY_DONE.get(type(action), ()):
+                    continue
+                if exc.code == errno.EPERM:
+                    raise PermissionDenied(
+                        f"changing the host's network needs CAP_NET_ADMIN ({action.command()} "
+                        "was refused); run as root or through the macvlan-router service"
+                    ) from None
+                failed += 1
+                log.error("failed: %s: %s", action.command(), _reason(exc), extra=fields)
+                continue
+            log.info("%s%s", action.command(), reason, extra=fields)
+        return failed
+
+    def _do(self, action, host):
+        ipr = self.ipr
+        if isinstance(action, actions.LinkAdd):
+            spec = dict(ifname=action.name, kind="macvlan", macvlan_mode="bridge",
+                        link=self.index(action.parent, host))
+            if action.mac:
+                spec["address"] = action.mac
+            ipr.link("add", **spec)
+            # The alias cannot ride on RTM_NEWLINK; if we die before this line the
+            # link keeps our name and MAC, which plan.owned_shims() also accepts.
+            ipr.link("set", index=self.index(action.name, Host()), ifalias=LINK_ALIAS)
+        elif isinstance(action, actions.LinkDel):
+            ipr.link("del", index=self.index(action.name, host))
+        elif isinstance(action, actions.LinkUp):
+            ipr.link("set", index=self.index(action.name, host), state="up")
+        elif isinstance(action, actions.ArpFilter):
+            msg = _DevconfRequest()
+            msg["index"] = self.index(action.name, host)
+            msg["attrs"] = [("IFLA_AF_SPEC", {"attrs": [("AF_INET", {"attrs": [
+                ("IFLA_INET_CONF", {"attrs": [("IPV4_DEVCONF_ARPFILTER", 1)]})]})]})]
+            ipr.nlm_request(msg, msg_type=RTM_SETLINK, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+        elif isinstance(action, (actions.AddrAdd, actions.AddrDel)):
+            command = "add" if isinstance(action, actions.AddrAdd) else "del"
+            extra = {"IFA_FLAGS": IFA_F_NOPREFIXROUTE} if command == "add" else {}
+            ipr.addr(command, index=self.index(action.name, host),
+                     address=str(action.interface.ip),
+                     prefixlen=action.interface.network.prefixlen, **extra)
+        elif isinstance(action, actions.RouteReplace):
+            spec = action.spec
+            ipr.route("replace", dst=str(spec.dst), oif=self.index(spec.shim, host),
+                      proto=ROUTE_PROTO, scope=actions.route_scope(spec.dst),
+                      prefsrc=str(spec.src), table=MAIN_TABLE,
+                      family=socket.AF_INET if spec.dst.version == 4 else socket.AF_INET6)
+        elif isinstance(action, actions.RouteDel):
+            route = action.route
+            kwargs = dict(dst=str(route.dst), proto=ROUTE_PROTO, scope=route.scope,
+                          table=MAIN_TABLE,
+                          family=socket.AF_INET if route.dst.version == 4 else socket.AF_INET6)
+            if route.priority:
+                kwargs["priority"] = route.priority
+            if route.ifname:
+                kwargs["oif"] = self.index(route.ifname, host)
+            ipr.route("del", **kwargs)
+        else:
+            raise TypeError(f"unknown action {action!r}")
+
+
+def _reason(exc):
+    return exc.args[1] if len(exc.args) > 1 else str(exc)
+
+
+class Monitor:
+    """Calls `on_change()` when links, addresses or our routes change in this namespace.
+
+    Our own route additions are ignored; everything else is cheap to over-report,
+    since a reconcile caused by a change we made finds nothing to do.
+    """
+
+    GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+              | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
+
+    def __init__(self, on_change):
+        self.on_change = on_change
+        self.thread = threading.Thread(target=self._run, name="netlink-monitor", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def _run(self):
+        delay = 0.1
+        while True:
+            try:
+                with IPRoute() as ipr:
+                    ipr.bind(groups=self.GROUPS)
+                    # Anything may have changed while we were not listening.
+                    self.on_change()
+                    delay = 0.1
+                    while True:
+                        messages = ipr.get()
+                        if any(self._relevant(msg) for msg in messages):
+                            self.on_change()
+            except Exception as exc:  # noqa: BLE001 - a lost monitor must come back
+                log.warning("netlink monitor restarting after: %s", exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    @staticmethod
+    def _relevant(msg):
+        kind = msg["header"]["type"]
+        if kind in (RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR):
+            return True
+        return kind == RTM_DELROUTE and msg["proto"] == ROUTE_PROTO

@@ -1,0 +1,56 @@
+"""sd_notify(3): readiness, status, reloading, stopping and watchdog messages to systemd."""
+
+import os
+import socket
+
+
+class Notifier:
+    """Sends to $NOTIFY_SOCKET; does nothing when systemd did not give one."""
+
+    def __init__(self, environ=None):
+        environ = os.environ if environ is None else environ
+        address = environ.get("NOTIFY_SOCKET", "")
+        if address.startswith("@"):
+            address = "\0" + address[1:]  # abstract namespace
+        self.address = address or None
+        self.watchdog_interval = self._watchdog_interval(environ)
+        self._socket = None
+
+    @staticmethod
+    def _watchdog_interval(environ):
+        """Half of WatchdogSec=, as sd_watchdog_enabled(3) advises; None when off."""
+        pid = environ.get("WATCHDOG_PID")
+        if pid and pid != str(os.getpid()):
+            return None
+        try:
+            usec = int(environ.get("WATCHDOG_USEC", ""))
+        except ValueError:
+            return None
+        return usec / 2e6 if usec > 0 else None
+
+    def send(self, **fields):
+        if self.address is None:
+            return
+        message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._socket.sendto(message, self.address)
+        except OSError:
+            pass  # systemd gone (shutdown) or socket not ours: nothing useful to do
+
+    def ready(self, status):
+        self.send(READY=1, STATUS=status)
+
+    def status(self, status):
+        self.send(STATUS=status)
+
+    def reloading(self):
+        self.send(RELOADING=1, STATUS="reloading the configuration")
+
+    def stopping(self, status="stopping"):
+        self.send(STOPPING=1, STATUS=status)
+
+    def watchdog(self):
+        if self.watchdog_interval is not None:
+            self.send(WATCHDOG=1)

@@ -1,0 +1,212 @@
+"""The diff between Desired and the Host: a list of actions, each the twin of an `ip` command.
+
+Pure: no I/O. Ownership rules live here: we only ever delete or change links
+carrying our alias and routes carrying our protocol number.
+"""
+
+import ipaddress
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from .desired import stable_mac
+from .model import LINK_ALIAS, ROUTE_PROTO_NAME, Problem
+
+SCOPE_UNIVERSE = 0
+SCOPE_LINK = 253
+
+
+@dataclass(frozen=True)
+class LinkAdd:
+    name: str
+    parent: str
+    mac: Optional[str]
+
+    def command(self):
+        mac = f" address {self.mac}" if self.mac else ""
+        return (f"ip link add {self.name} link {self.parent}{mac} type macvlan mode bridge"
+                f" && ip link set {self.name} alias {LINK_ALIAS}")
+
+
+@dataclass(frozen=True)
+class LinkDel:
+    name: str
+
+    def command(self):
+        return f"ip link del {self.name}"
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    name: str
+
+    def command(self):
+        return f"ip link set {self.name} up"
+
+
+@dataclass(frozen=True)
+class ArpFilter:
+    name: str
+
+    def command(self):
+        return f"sysctl -w net.ipv4.conf.{self.name}.arp_filter=1"
+
+
+@dataclass(frozen=True)
+class AddrAdd:
+    name: str
+    interface: ipaddress._BaseAddress
+
+    def command(self):
+        return f"ip address add {self.interface} dev {self.name} noprefixroute"
+
+
+@dataclass(frozen=True)
+class AddrDel:
+    name: str
+    interface: ipaddress._BaseAddress
+
+    def command(self):
+        return f"ip address del {self.interface} dev {self.name}"
+
+
+def _route_words(dst, shim, scope, src=None):
+    family = "-6 " if dst.version == 6 else ""
+    scope_word = " scope link" if scope == SCOPE_LINK else ""
+    src_word = f" src {src}" if src else ""
+    return f"ip {family}route {{}} {dst} dev {shim} proto {ROUTE_PROTO_NAME}{scope_word}{src_word}"
+
+
+def route_scope(dst):
+    # A gatewayless IPv4 route is scope link; a delete must name the same scope.
+    return SCOPE_LINK if dst.version == 4 else SCOPE_UNIVERSE
+
+
+@dataclass(frozen=True)
+class RouteReplace:
+    spec: object  # RouteSpec
+
+    def command(self):
+        spec = self.spec
+        return _route_words(spec.dst, spec.shim, route_scope(spec.dst), spec.src).format(
+            "replace")
+
+
+@dataclass(frozen=True)
+class RouteDel:
+    route: object  # model.Route
+
+    def command(self):
+        route = self.route
+        return _route_words(route.dst, route.ifname, route.scope).format("del")
+
+
+@dataclass
+class Plan:
+    actions: Tuple = ()
+    problems: Tuple[Problem, ...] = ()
+    # Routes waiting for their IPv6 source to finish duplicate address detection.
+    pending: int = 0
+
+
+def owned_shims(host):
+    """Our links: macvlans with our alias, or (created but not yet tagged when we
+    died) with no alias and the MAC we derive for their parent."""
+    return {link.name: link for link in host.links
+            if link.kind == "macvlan" and (
+                link.alias == LINK_ALIAS
+                or (link.alias is None and link.mac is not None
+                    and link.mac == stable_mac(host.machine_id,
+                                               host.link_name(link.parent_index))))}
+
+
+def compute(desired, host):
+    """Return the Plan that turns `host` into `desired`, touching only what we own."""
+    problems = []
+    ours = owned_shims(host)
+    drop, create = [], []
+    for name, link in ours.items():
+        spec = desired.shims.get(name)
+        if spec is None or host.link_name(link.parent_index) != spec.parent \
+                or link.macvlan_mode not in (None, "bridge"):
+            drop.append(name)
+    usable = {}
+    for name, spec in desired.shims.items():
+        link = host.link(name)
+        if link is not None and name not in ours:
+            problems.append(Problem(
+                f"interface {name} exists but was not created by macvlan-router; remove it "
+                f"(ip link del {name}) or choose another name with "
+                "MACVLAN_BRIDGE_INTERFACE_NAME"))
+            continue
+        if link is None or name in drop:
+            create.append(spec)
+        usable[name] = spec
+
+    actions = []
+    owned_routes = {r.dst: r for r in host.routes if r.owned}
+    foreign = {r.dst for r in host.routes if not r.owned}
+    for dst, route in sorted(owned_routes.items(), key=_route_key):
+        want = desired.routes.get(dst)
+        if route.ifname in drop:
+            continue  # Goes with its link.
+        if want is None or want.shim not in usable:
+            actions.append(RouteDel(route))
+    actions.extend(LinkDel(name) for name in sorted(drop))
+    actions.extend(LinkAdd(spec.name, spec.parent, spec.mac) for spec in create)
+
+    ready_sources = set()
+    for name, spec in sorted(usable.items()):
+        fresh = spec in create
+        link = None if fresh else ours[name]
+        parent = host.link(spec.parent)
+        if parent is None or not parent.up:
+            continue
+        has_v4 = any(a.version == 4 for a in spec.addresses)
+        if has_v4 and spec.arp_filter and (fresh or not link.arp_filter):
+            actions.append(ArpFilter(name))
+        if fresh or not link.up:
+            actions.append(LinkUp(name))
+        present = {} if fresh else {a.interface: a for a in host.addresses_of(name)
+                                    if not a.ip.is_link_local}
+        for interface in sorted(set(present) - spec.addresses, key=_address_key):
+            actions.append(AddrDel(name, interface))
+        for interface in sorted(spec.addresses - set(present), key=_address_key):
+            actions.append(AddrAdd(name, interface))
+        for interface in spec.addresses & set(present):
+            address = present[interface]
+            if address.dad_failed:
+                problems.append(Problem(
+                    f"the shim's IPv6 address {address.ip} on {name} failed duplicate address "
+                    "detection: another host on the LAN uses it; set MACVLAN_BRIDGE_IP6 to a "
+                    "free address"))
+            elif not address.tentative:
+                ready_sources.add((name, address.ip))
+        ready_sources.update((name, a.ip) for a in spec.addresses if a.version == 4)
+
+    pending = 0
+    for dst, spec in sorted(desired.routes.items(), key=_route_key):
+        if spec.shim not in usable:
+            continue
+        if dst in foreign:
+            problems.append(Problem(
+                f"{dst} already has a route that macvlan-router did not add; leaving it "
+                f"alone, so {spec.container_name or dst} is not routed via {spec.shim}",
+                spec.network or None, kind="warning"))
+            continue
+        if (spec.shim, spec.src) not in ready_sources:
+            pending += spec.dst.version == 6
+            continue
+        have = owned_routes.get(dst)
+        if have is None or have.ifname != spec.shim or have.src != spec.src \
+                or spec.shim in drop:
+            actions.append(RouteReplace(spec))
+    return Plan(actions=tuple(actions), problems=tuple(problems), pending=pending)
+
+
+def _route_key(item):
+    dst = item[0]
+    return (dst.version, dst)
+
+
+def _address_key(interface):
+    return (interface.version, interface)
