@@ -3,12 +3,14 @@
 import errno
 import ipaddress
 import logging
+import os
 import socket
+import struct
 import threading
 import time
 
 from pyroute2 import IPRoute
-from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, nla, nlmsg
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_NEWADDR,
                                    RTM_NEWLINK, RTM_SETLINK)
@@ -29,6 +31,9 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
+IFLA_AF_SPEC = 26
+IFLA_INET_CONF = 1
+IPV4_DEVCONF_ARPFILTER = 13
 MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
 # Errors that mean "already as wanted" for the action that got them.
 ALREADY_DONE = {
@@ -39,26 +44,30 @@ ALREADY_DONE = {
 }
 
 
-class _DevconfRequest(nlmsg):
-    """RTM_SETLINK carrying IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF.
+def _nlattr(kind, payload):
+    size = 4 + len(payload)
+    return struct.pack("=HH", size, kind) + payload + b"\0" * (-size % 4)
 
-    Setting arp_filter over netlink, not /proc/sys, keeps working where /proc/sys
-    is read-only (ProtectKernelTunables=, containers). pyroute2 models AF_INET conf
-    only as the read-side struct, so the write side is spelled out here.
+
+def set_arp_filter(index, value=1):
+    """RTM_SETLINK with IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF/ARPFILTER, on a plain socket.
+
+    Over netlink rather than /proc/sys, so it works where /proc/sys is read-only
+    (ProtectKernelTunables=, containers). pyroute2 models AF_INET conf only for
+    reading, and its raw request API differs between 0.7 and 0.9: hence bytes.
     """
-
-    fields = (("family", "B"), ("__align", "x"), ("ifi_type", "H"), ("index", "i"),
-              ("flags", "I"), ("change", "I"))
-    nla_map = ((26, "IFLA_AF_SPEC", "af_spec"),)
-
-    class af_spec(nla):
-        nla_map = ((socket.AF_INET, "AF_INET", "inet"),)
-
-        class inet(nla):
-            nla_map = ((1, "IFLA_INET_CONF", "conf"),)
-
-            class conf(nla):
-                nla_map = ((13, "IPV4_DEVCONF_ARPFILTER", "uint32"),)
+    conf = _nlattr(IPV4_DEVCONF_ARPFILTER, struct.pack("=I", value))
+    body = struct.pack("=BxHiII", socket.AF_UNSPEC, 0, index, 0, 0) + _nlattr(
+        IFLA_AF_SPEC, _nlattr(socket.AF_INET, _nlattr(IFLA_INET_CONF, conf)))
+    header = struct.pack("=IHHII", 16 + len(body), RTM_SETLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                       socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5)
+        sock.send(header + body)
+        reply = sock.recv(65536)
+    error = struct.unpack_from("=i", reply, 16)[0]
+    if error:
+        raise NetlinkError(-error, os.strerror(-error))
 
 
 def read_machine_id():
@@ -203,11 +212,7 @@ class Netlink:
         elif isinstance(action, actions.LinkUp):
             ipr.link("set", index=self.index(action.name, host), state="up")
         elif isinstance(action, actions.ArpFilter):
-            msg = _DevconfRequest()
-            msg["index"] = self.index(action.name, host)
-            msg["attrs"] = [("IFLA_AF_SPEC", {"attrs": [("AF_INET", {"attrs": [
-                ("IFLA_INET_CONF", {"attrs": [("IPV4_DEVCONF_ARPFILTER", 1)]})]})]})]
-            ipr.nlm_request(msg, msg_type=RTM_SETLINK, msg_flags=NLM_F_REQUEST | NLM_F_ACK)
+            set_arp_filter(self.index(action.name, host))
         elif isinstance(action, (actions.AddrAdd, actions.AddrDel)):
             command = "add" if isinstance(action, actions.AddrAdd) else "del"
             extra = {"IFA_FLAGS": IFA_F_NOPREFIXROUTE} if command == "add" else {}
