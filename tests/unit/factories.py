@@ -1,0 +1,49 @@
+"""Literal model values for unit tests of the pure logic."""
+
+import ipaddress
+
+from macvlan_router.model import LINK_ALIAS, ROUTE_PROTO, Address, Endpoint, Host, Link, \
+    Network, Route
+
+MACHINE = "0123456789abcdef0123456789abcdef"
+
+
+def ip(text):
+    return ipaddress.ip_address(text)
+
+
+def net(text):
+    return ipaddress.ip_network(text)
+
+
+def iface(text):
+    return ipaddress.ip_interface(text)
+
+
+def endpoint(name, v4=None, v6=None):
+    return Endpoint(container_id=(name * 64)[:64], container_name=name,
+                    ipv4=ip(v4) if v4 else None, ipv6=ip(v6) if v6 else None)
+
+
+def network(name="lan", parent="eth0", subnets=("198.51.100.0/24",), endpoints=(), **kw):
+    return Network(id=(name + "0" * 64)[:64], name=name, parent=parent,
+                   subnets=tuple(net(s) for s in subnets), endpoints=tuple(endpoints), **kw)
+
+
+def host(links=("eth0",), addresses=(("eth0", "198.51.100.2/24"),), shims=(), routes=(),
+         machine_id=MACHINE):
+    """A host with plain parent links, optional owned shims (name, parent) and routes."""
+    all_links = [Link(index=i + 2, name=name, kind=None) for i, name in enumerate(links)]
+    index = {link.name: link.index for link in all_links}
+    for name, parent in shims:
+        all_links.append(Link(index=100 + len(all_links), name=name, kind="macvlan",
+                              alias=LINK_ALIAS, parent_index=index[parent],
+                              macvlan_mode="bridge", arp_filter=True))
+    return Host(links=tuple(all_links),
+                addresses=tuple(Address(n, iface(a)) for n, a in addresses),
+                routes=tuple(routes), machine_id=machine_id)
+
+
+def route(dst, dev, src=None, proto=ROUTE_PROTO, scope=253):
+    return Route(dst=net(dst), ifname=dev, proto=proto, src=ip(src) if src else None,
+                 scope=scope)

@@ -1,0 +1,171 @@
+from macvlan_router import desired
+from macvlan_router.config import Config, Selector
+from macvlan_router.model import Address
+
+from .factories import MACHINE, endpoint, host, iface, ip, net, network
+
+
+def compute(cfg=Config(), networks=(), h=None):
+    return desired.compute(cfg, list(networks), h or host())
+
+
+def errors(result):
+    return [p.message for p in result.problems if p.kind == "error"]
+
+
+def test_zero_config_reuses_host_address_and_routes_containers():
+    lan = network(endpoints=[endpoint("web", "198.51.100.130"), endpoint("dns", "198.51.100.131")])
+    result = compute(networks=[lan])
+    shim = result.shims["mvr-eth0"]
+    assert shim.parent == "eth0"
+    assert shim.addresses == {iface("198.51.100.2/32")}
+    assert set(result.routes) == {net("198.51.100.130/32"), net("198.51.100.131/32")}
+    assert all(r.src == ip("198.51.100.2") and r.shim == "mvr-eth0" for r in result.routes.values())
+    assert not result.problems
+
+
+def test_configured_bridge_ip_wins_over_host_address():
+    result = compute(Config(bridge_ips=(ip("198.51.100.250"),)),
+                     [network(endpoints=[endpoint("web", "198.51.100.130")])])
+    assert result.shims["mvr-eth0"].addresses == {iface("198.51.100.250/32")}
+    assert result.routes[net("198.51.100.130/32")].src == ip("198.51.100.250")
+
+
+def test_no_host_address_in_subnet_is_reported_and_skipped():
+    result = compute(networks=[network(subnets=("203.0.113.0/24",),
+                                       endpoints=[endpoint("web", "203.0.113.9")])])
+    assert not result.routes
+    (message,) = errors(result)
+    assert "203.0.113.0/24" in message and "MACVLAN_BRIDGE_IP" in message
+
+
+def test_out_of_subnet_bridge_ip_is_reported():
+    result = compute(Config(bridge_ips=(ip("203.0.113.5"),)), [network()])
+    assert any("MACVLAN_BRIDGE_IP=203.0.113.5 lies in none" in m for m in errors(result))
+
+
+def test_container_holding_the_host_address_is_not_routed():
+    lan = network(endpoints=[endpoint("thief", "198.51.100.2"), endpoint("ok", "198.51.100.130")])
+    result = compute(networks=[lan])
+    assert set(result.routes) == {net("198.51.100.130/32")}
+    (message,) = errors(result)
+    assert "thief" in message and "198.51.100.2" in message and "--aux-address" in message
+
+
+def test_ipv6_gets_a_stable_generated_address_never_the_hosts():
+    lan = network(subnets=("198.51.100.0/24", "2001:db8:1::/64"),
+                  endpoints=[endpoint("web", "198.51.100.130", "2001:db8:1::2")])
+    h = host(addresses=(("eth0", "198.51.100.2/24"), ("eth0", "2001:db8:1::1:2/64")))
+    first, again = compute(networks=[lan], h=h), compute(networks=[lan], h=h)
+    v6 = [a for a in first.shims["mvr-eth0"].addresses if a.version == 6]
+    assert len(v6) == 1 and v6[0].network.prefixlen == 128
+    assert v6[0].ip in net("2001:db8:1::/64")
+    assert v6[0].ip not in (ip("2001:db8:1::1:2"), ip("2001:db8:1::2"))
+    assert first.shims == again.shims
+    assert first.routes[net("2001:db8:1::2/128")].src == v6[0].ip
+
+
+def test_stable_ipv6_avoids_taken_addresses():
+    subnet = net("2001:db8::/125")
+    taken = set()
+    for _ in range(2):
+        got = desired.stable_ipv6(MACHINE, "eth0", subnet, taken)
+        assert got in subnet and got not in taken
+        taken.add(got)
+    assert desired.stable_ipv6(MACHINE, "eth0", net("2001:db8::/127"), set()) is None
+
+
+def test_stable_mac_is_local_unicast_and_per_parent():
+    mac = desired.stable_mac(MACHINE, "eth0")
+    first = int(mac.split(":")[0], 16)
+    assert first & 0x02 and not first & 0x01
+    assert mac == desired.stable_mac(MACHINE, "eth0") != desired.stable_mac(MACHINE, "eth1")
+    assert desired.stable_mac("", "eth0") is None
+
+
+def test_one_shim_per_parent_two_parents():
+    lan = network("lan", "eth0", endpoints=[endpoint("a", "198.51.100.130")])
+    iot = network("iot", "eth0.10", ("203.0.113.0/24",), endpoints=[endpoint("b", "203.0.113.9")])
+    h = host(links=("eth0", "eth0.10"),
+             addresses=(("eth0", "198.51.100.2/24"), ("eth0.10", "203.0.113.2/24")))
+    result = compute(networks=[lan, iot], h=h)
+    assert set(result.shims) == {"mvr-eth0", "mvr-eth0.10"}
+    assert result.routes[net("203.0.113.9/32")].shim == "mvr-eth0.10"
+    assert not result.problems
+
+
+def test_long_parent_names_give_valid_stable_shim_names():
+    name = desired.default_shim_name("enp0s31f6.1000")
+    assert len(name.encode()) <= 15 and name.startswith("mvr-")
+    assert name == desired.default_shim_name("enp0s31f6.1000")
+    assert name != desired.default_shim_name("enp0s31f6.1001")
+    assert desired.default_shim_name("eth0") == "mvr-eth0"
+
+
+def test_one_interface_name_for_two_parents_is_a_problem():
+    lan = network("lan", "eth0")
+    iot = network("iot", "eth1", ("203.0.113.0/24",))
+    h = host(links=("eth0", "eth1"),
+             addresses=(("eth0", "198.51.100.2/24"), ("eth1", "203.0.113.2/24")))
+    result = compute(Config(interface_names=((None, "shim0"),)), [lan, iot], h)
+    assert any("PARENT=NAME" in m for m in errors(result))
+
+
+def test_missing_parent_is_reported():
+    result = compute(networks=[network(parent="eth9")])
+    (message,) = errors(result)
+    assert "eth9" in message and "does not exist" in message
+    assert not result.shims
+
+
+def test_parent_down_is_waiting_not_error():
+    h = host()
+    h = h.__class__(links=(h.links[0].__class__(index=2, name="eth0", up=False),),
+                    addresses=h.addresses, machine_id=MACHINE)
+    result = compute(networks=[network()], h=h)
+    assert [p.kind for p in result.problems] == ["waiting"]
+
+
+def test_additional_routes_go_to_the_shim_whose_subnet_holds_them():
+    cfg = Config(additional_routes=(net("198.51.100.64/26"), net("203.0.113.7/32")))
+    result = compute(cfg, [network()])
+    assert result.routes[net("198.51.100.64/26")].shim == "mvr-eth0"
+    # Outside every subnet but only one shim: still routed through it.
+    assert result.routes[net("203.0.113.7/32")].src == ip("198.51.100.2")
+
+
+def test_additional_route_without_family_is_reported():
+    result = compute(Config(additional_routes=(net("2001:db8:9::/64"),)), [network()])
+    assert any("no managed network has an IPv6 subnet" in m for m in errors(result))
+
+
+def test_host_addresses_on_our_shims_do_not_count_as_host_addresses():
+    h = host(shims=(("mvr-eth0", "eth0"),))
+    h = h.__class__(links=h.links,
+                    addresses=h.addresses + (Address("mvr-eth0", iface("198.51.100.250/32")),),
+                    machine_id=MACHINE)
+    lan = network(endpoints=[endpoint("web", "198.51.100.250")])
+    result = compute(Config(bridge_ips=(ip("198.51.100.251"),)), [lan], h)
+    assert net("198.51.100.250/32") in result.routes
+
+
+def test_select_by_name_compose_label_id_and_label():
+    nets = [network("lan"), network("proj_iot", labels=(("com.docker.compose.network", "iot"),)),
+            network("other", labels=(("router", "yes"),)), network("br", driver="bridge")]
+    pick = lambda *texts: desired.select_networks(  # noqa: E731
+        [Selector(t) if not t.startswith("label=") else Selector(t, *t[6:].split("=", 1))
+         for t in texts], nets)
+    assert [n.name for n in pick()[0]] == ["lan", "proj_iot", "other"]
+    assert [n.name for n in pick("iot")[0]] == ["proj_iot"]
+    assert [n.name for n in pick("label=router=yes")[0]] == ["other"]
+    assert [n.name for n in pick(nets[0].id[:12])[0]] == ["lan"]
+    chosen, problems = pick("nope", "br")
+    assert chosen == []
+    assert "Docker has no network" in problems[0].message and "lan" in problems[0].message
+    assert "bridge driver" in problems[1].message
+
+
+def test_every_route_lies_in_a_managed_subnet_or_additional_routes():
+    lan = network(endpoints=[endpoint("a", "198.51.100.130"), endpoint("b", None, "2001:db8::5")])
+    result = compute(networks=[lan])
+    assert list(result.routes) == [net("198.51.100.130/32")]
