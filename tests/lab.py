@@ -395,7 +395,7 @@ class Lab:
         return out
 
     def global_addrs(self, dev, family):
-        return [a for a in self.addrs(dev, family) if a.get("scope") == "global"]
+        return [a for a in self.addrs(dev, family) if str(a.get("scope")) in ("global", "0")]
 
     def routes(self, family=4, table="main", ns=None):
         fam = "-6" if family == 6 else "-4"
@@ -408,7 +408,9 @@ class Lab:
         """Routes carrying our protocol (210), both families, every table."""
         out = []
         for fam in ("-4", "-6"):
-            out += self.ip_json(fam, "route", "show", "table", "all", "proto", str(PROTO))
+            # filtered client-side: with `proto 210` ip omits the protocol field
+            out += [r for r in self.ip_json(fam, "route", "show", "table", "all")
+                    if str(r.get("protocol")) in PROTO_NAMES]
         return out
 
     def route(self, dst, family=None):
@@ -467,14 +469,15 @@ class Lab:
     def config_file(self, config, name=None):
         if config is None:
             config = {}
-        if isinstance(config, (str, Path)) and os.path.exists(str(config)):
-            return str(config)
+        if isinstance(config, Path) or (isinstance(config, str) and os.path.exists(config)):
+            return str(config)   # a path (a Path need not exist: "missing file" tests)
         return write_config(self.path(name or self.unique("config-") + ".env"), config)
 
     def mvr(self, *args, config=None, env=None, docker_host=None, timeout=60, wrap=()):
         """Run `python3 -m macvlan_router ARGS... --config FILE` in T.
 
-        config: dict/str (written to a file), an existing path, or False for no --config.
+        config: dict or str (written to a file), a Path or an existing path as str, or
+        False for no --config.
         wrap: a command prefix (e.g. setpriv ...) run inside T before the interpreter.
         Returns (rc, stdout, stderr)."""
         cmd = [*wrap, sys.executable, "-m", "macvlan_router", *args]
@@ -622,11 +625,16 @@ class Engine:
         By default the IPAM range is the upper half of the subnet and the host/peer
         addresses are reserved, so Docker never hands a container the host's address."""
         lan = LANS.get(parent, LAN0)
-        args = ["network", "create", "--label", f"{LABEL}=1"]
+        args = ["network", "create"]
+        if config_from:
+            # Docker refuses any other option (labels included) with --config-from
+            args += ["-d", "macvlan", "--config-from", config_from, name]
+            self.cli(*args, *extra)
+            return name
+        args += ["--label", f"{LABEL}=1"]
         for k, v in (labels or {}).items():
             args += ["--label", f"{k}={v}"]
         if config_from:
-            args += ["-d", "macvlan", "--config-from", config_from, name]
             self.cli(*args, *extra)
             return name
         if config_only:
@@ -701,9 +709,11 @@ class Engine:
         for ctr in c.containers.list(all=True, filters={"label": LABEL}):
             with contextlib.suppress(Exception):
                 ctr.remove(force=True)
-        # macvlan networks first, then the config-only networks they use
+        # Every network but the built-in ones (the engine is ours alone; a network made
+        # --config-from cannot carry a label). Dependent networks first, then the
+        # config-only networks they use.
         for _ in range(3):
-            nets = c.networks.list(filters={"label": LABEL})
+            nets = [n for n in c.networks.list() if n.name not in ("bridge", "host", "none")]
             if not nets:
                 break
             for net in sorted(nets, key=lambda n: n.attrs.get("ConfigOnly", False)):

@@ -6,6 +6,7 @@ removed, namespace T back to lo/lan0/lan1 with only the kernel's routes), so tes
 independent even when one fails half-way.
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +28,8 @@ def pytest_collection_modifyitems(config, items):
 def session_lab():
     problem = lablib.prereq_problem()
     if problem:
+        if os.environ.get("MVR_REQUIRE_INTEGRATION") == "1":
+            pytest.fail(f"integration prerequisites missing: {problem}")
         pytest.skip(problem)
     the_lab = lablib.make_lab()
     try:

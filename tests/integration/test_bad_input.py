@@ -1,0 +1,154 @@
+"""Bad input: a clear message naming the setting or value, exit 78 (EX_CONFIG), never a
+traceback; for `check` always, for `run` at start (static errors at once, errors that
+depend on Docker's state at the first reconcile)."""
+
+import pytest
+
+from lab import LAN0, SHIM0, assert_no_traceback
+
+pytestmark = pytest.mark.integration
+
+C4 = "198.51.100.130"
+EX_CONFIG = 78
+
+
+def _lan_net(lab, engine):
+    engine.network("lan")
+    engine.container("c1", "lan", ip=C4)
+
+
+def _lan_net6(lab, engine):
+    engine.network("lan", v6=True)
+    engine.container("c1", "lan", ip=C4, ip6="2001:db8:1::1:10")
+
+
+def _missing_parent(lab, engine):
+    """A network whose parent interface has gone away."""
+    lab.ipc("link", "add", "lanx", "type", "veth", "peer", "name", "peerx", "netns", lab.P)
+    lab.ipc("link", "set", "lanx", "up")
+    engine.cli("network", "create", "-d", "macvlan", "--label", "org.macvlan-router.test=1",
+               "--subnet", "203.0.113.0/24", "--ip-range", "203.0.113.128/25",
+               "-o", "parent=lanx", "gone")
+    lab.ipc("link", "del", "lanx")
+    return "lanx"
+
+
+def _clash_zero_config(lab, engine):
+    """Docker gave a container the host's address, which zero-config puts on the shim."""
+    engine.network("lan", ip_range=False, aux=False)
+    engine.container("c1", "lan", ip=LAN0["host"])
+
+
+def _clash_explicit(lab, engine):
+    engine.network("lan")
+    engine.container("c1", "lan", ip="198.51.100.140")
+
+
+def _unreadable(lab, engine):
+    d = lab.path("config-is-a-directory")
+    d.mkdir(exist_ok=True)
+    return str(d)
+
+
+def _undecodable(lab, engine):
+    p = lab.path("latin1.env")
+    p.write_bytes(b"MACVLAN_DOCKER_NETWORK=caf\xe9\n")
+    return str(p)
+
+
+# id: (setup, config, words the message must contain, static?)
+CASES = {
+    "invalid-address": (_lan_net, {"MACVLAN_BRIDGE_IP": "198.51.100.300"},
+                        ["MACVLAN_BRIDGE_IP", "198.51.100.300"], True),
+    "invalid-address6": (_lan_net, {"MACVLAN_BRIDGE_IP6": "2001:db8:1::zz"},
+                         ["MACVLAN_BRIDGE_IP6", "2001:db8:1::zz"], True),
+    "out-of-subnet": (_lan_net, {"MACVLAN_BRIDGE_IP": "203.0.113.50"},
+                      ["203.0.113.50"], False),
+    "out-of-subnet6": (_lan_net6, {"MACVLAN_BRIDGE_IP6": "2001:db8:9::5"},
+                       ["2001:db8:9::5"], False),
+    "name-too-long": (_lan_net, {"MACVLAN_BRIDGE_INTERFACE_NAME": "mvr-0123456789ab"},
+                      ["MACVLAN_BRIDGE_INTERFACE_NAME", "mvr-0123456789ab"], True),
+    "unknown-network": (_lan_net, {"MACVLAN_DOCKER_NETWORK": "nosuchnet"},
+                        ["nosuchnet"], False),
+    "missing-parent": (_missing_parent, {"MACVLAN_DOCKER_NETWORK": "gone"},
+                       ["lanx"], False),
+    "clash-zero-config": (_clash_zero_config, {}, [LAN0["host"]], False),
+    "clash-explicit": (_clash_explicit, {"MACVLAN_BRIDGE_IP": "198.51.100.140"},
+                       ["198.51.100.140"], False),
+    "unreadable-config": (_unreadable, None, ["config-is-a-directory"], True),
+    "undecodable-config": (_undecodable, None, ["latin1.env"], True),
+    "bad-syntax": (_lan_net, "this is not a setting\n", ["this is not a setting"], True),
+    "bad-boolean": (_lan_net, {"CLEANUP_ON_EXIT": "maybe"}, ["CLEANUP_ON_EXIT", "maybe"],
+                    True),
+    "bad-interval": (_lan_net, {"RESYNC_INTERVAL": "soon"}, ["RESYNC_INTERVAL", "soon"],
+                     True),
+    "bad-route": (_lan_net, {"ADDITIONAL_ROUTES": "198.51.100.0/33"},
+                  ["ADDITIONAL_ROUTES", "198.51.100.0/33"], True),
+}
+
+
+def _prepare(lab, engine, case):
+    setup, config, words, static = CASES[case]
+    made = setup(lab, engine)
+    if config is None:
+        config = made          # the setup made the config path itself
+    return lab.config_file(config), words, static
+
+
+def _assert_message(rc, text, words, what):
+    assert rc == EX_CONFIG, f"{what} exited {rc}, want {EX_CONFIG}:\n{text}"
+    for w in words:
+        assert w in text, f"{what}: message does not name {w!r}:\n{text}"
+    assert_no_traceback(text, what)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_check_rejects(lab, engine, case):
+    cfg, words, _ = _prepare(lab, engine, case)
+    rc, out, err = lab.mvr("check", config=cfg)
+    _assert_message(rc, out + err, words, "check")
+    assert lab.link(SHIM0) is None
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_run_rejects_at_start(lab, engine, case):
+    cfg, words, static = _prepare(lab, engine, case)
+    d = lab.daemon(cfg, ready=False)
+    rc = d.wait_exit(timeout=30)
+    _assert_message(rc, d.stderr, words, "run")
+    assert "READY=1" not in d.notified() or not static, \
+        "a static configuration error must stop the daemon before READY=1"
+    assert lab.link(SHIM0) is None or not static
+    assert lab.owned_routes() == [] or not static
+
+
+def test_run_static_error_needs_no_docker(lab, engine):
+    """Static errors are reported even when Docker is unreachable."""
+    d = lab.daemon({"MACVLAN_BRIDGE_IP": "198.51.100.300"}, ready=False,
+                   docker_host=f"unix://{lab.dir}/nothing.sock")
+    rc = d.wait_exit(timeout=30)
+    _assert_message(rc, d.stderr, ["MACVLAN_BRIDGE_IP", "198.51.100.300"], "run")
+
+
+def test_check_ok_and_missing_file_means_defaults(lab, engine):
+    _lan_net(lab, engine)
+    rc, out, err = lab.mvr("check", config=lab.path("does-not-exist.env"))
+    assert rc == 0, (rc, out, err)
+    rc, out, err = lab.mvr("check", config={"MACVLAN_DOCKER_NETWORK": "lan",
+                                            "MACVLAN_BRIDGE_IP": "198.51.100.10"})
+    assert rc == 0, (rc, out, err)
+
+
+def test_environment_overrides_file(lab, engine):
+    _lan_net(lab, engine)
+    rc, out, err = lab.mvr("check", config={"MACVLAN_DOCKER_NETWORK": "lan"},
+                           env={"MACVLAN_DOCKER_NETWORK": "nosuchnet"})
+    _assert_message(rc, out + err, ["nosuchnet"], "check with the environment overriding")
+
+
+def test_usage_error_exit_2(lab, engine):
+    rc, out, err = lab.mvr("no-such-command", config=False)
+    assert rc == 2, (rc, out, err)
+    rc, out, err = lab.mvr("--version", config=False)
+    assert rc == 0 and out.strip(), (rc, out, err)
+    assert_no_traceback(err)
