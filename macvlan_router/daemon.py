@@ -34,7 +34,8 @@ class Daemon:
         self.triggers = queue.SimpleQueue()
         self.watcher = EventWatcher(docker_url, lambda scope: self.triggers.put((DOCKER, scope)),
                                     lambda why: self.triggers.put((LOST, why)))
-        self.monitor = Monitor(lambda: self.triggers.put((HOST, None)))
+        self.monitor = Monitor(lambda: self.triggers.put((HOST, None)),
+                               lambda: self.reconciler.watched)
         self.ready = False
         self.started = False          # the first reconcile with Docker's state has run
         self.docker_up = False
@@ -66,6 +67,7 @@ class Daemon:
                 self._reload()
             if self.clock() >= next_resync:
                 self.scope.add(REFRESH_ALL)
+                self.reconciler.invalidate_host()
                 next_resync = self.clock() + self.config.resync_interval
             due = bool(kinds & {HOST, DOCKER, RELOAD}) or self._retry_due()
             status = self._cycle(force=due)
@@ -93,6 +95,8 @@ class Daemon:
                 self.docker_up = True
             elif kind == LOST:
                 self._docker_lost(arg)
+            elif kind == HOST:
+                self.reconciler.invalidate_host()
         return kinds
 
     def _retry_due(self):
@@ -112,9 +116,11 @@ class Daemon:
 
     def _cycle(self, force):
         """Refresh from Docker if asked, reconcile; returns an exit status to stop with."""
+        started = docker_done = self.clock()
         if self.scope and self.docker_up:
             try:
                 self.reconciler.refresh(self.scope)
+                docker_done = self.clock()
                 self.scope.clear()
                 self.waiting_message = None
                 force = True
@@ -131,8 +137,12 @@ class Daemon:
             raise
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive a bad cycle
             log.exception("reconcile failed, retrying in %.0f s: %s", self.retry_delay, exc)
+            self.reconciler.invalidate_host()
             self._schedule_retry()
             return None
+        log.debug("reconcile took %.1f ms (Docker %.1f ms), %d changes",
+                  (self.clock() - started) * 1000, (docker_done - started) * 1000,
+                  len(outcome.plan.actions))
         if not self.started:
             self.started = True
             if outcome.errors:

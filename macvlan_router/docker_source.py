@@ -4,6 +4,7 @@ import ipaddress
 import logging
 import os
 import threading
+import time
 
 import docker
 import requests
@@ -179,7 +180,12 @@ class EventWatcher:
                 self.on_event(REFRESH_ALL)
                 delay = 0.2
                 for event in stream:
-                    self.on_event(classify(event))
+                    log.debug("Docker event %s %s %s, %.1f ms old", event.get("Type"),
+                              event.get("Action"), (event.get("Actor") or {}).get("ID", "")[:12],
+                              (time.time_ns() - event.get("timeNano", 0)) / 1e6)
+                    scope = classify(event)
+                    if scope is not None:
+                        self.on_event(scope)
                 message = f"lost the event stream from Docker at {self.url}"
             except DockerUnavailable as exc:
                 message = str(exc)
@@ -195,10 +201,17 @@ class EventWatcher:
 
 
 def classify(event):
+    """What a reconcile must re-read for this event; None when it changes nothing for us.
+
+    The filter lets container create/destroy through too (Docker ANDs filter keys,
+    so "create" cannot be limited to networks).
+    """
     kind = event.get("Type")
     action = event.get("Action", "")
     if kind == "network" and action in ("connect", "disconnect"):
         return (event.get("Actor") or {}).get("ID") or REFRESH_ENDPOINTS
     if kind == "network":
         return REFRESH_ALL
-    return REFRESH_ENDPOINTS
+    if kind == "container" and action in ("start", "die"):
+        return REFRESH_ENDPOINTS
+    return None

@@ -13,7 +13,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_NEWADDR,
-                                   RTM_NEWLINK, RTM_SETLINK)
+                                   RTM_NEWLINK, RTM_NEWROUTE, RTM_SETLINK)
 
 from . import plan as actions
 from .errors import PermissionDenied
@@ -22,6 +22,7 @@ from .model import LINK_ALIAS, MAIN_TABLE, ROUTE_PROTO, Address, Host, Link, Rou
 log = logging.getLogger(__name__)
 
 IFF_UP = 0x1
+IFF_LOWER_UP = 0x10000
 IFA_F_NOPREFIXROUTE = 0x200
 IFA_F_TENTATIVE = 0x40
 IFA_F_DADFAILED = 0x08
@@ -244,17 +245,24 @@ def _reason(exc):
 
 
 class Monitor:
-    """Calls `on_change()` when links, addresses or our routes change in this namespace.
+    """Calls `on_change()` when something we care about changes in this namespace.
 
-    Our own route additions are ignored; everything else is cheap to over-report,
-    since a reconcile caused by a change we made finds nothing to do.
+    `watched()` returns (names, indexes) of the links that matter: our shims and the
+    parents of managed networks; empty before the first reconcile, meaning "all".
+    Container interfaces come and go on every `docker run` and are ignored, and so
+    are our own route additions. Over-reporting is harmless (the reconcile finds
+    nothing to do) but costs a netlink dump.
     """
 
     GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
               | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
 
-    def __init__(self, on_change):
+    def __init__(self, on_change, watched=lambda: ((), ())):
         self.on_change = on_change
+        self.watched = watched
+        # index -> what we last saw of a link, so that the RTM_NEWLINK a parent gets
+        # whenever Docker adds a container's macvlan on it does not count as a change.
+        self._links = {}
         self.thread = threading.Thread(target=self._run, name="netlink-monitor", daemon=True)
 
     def start(self):
@@ -278,9 +286,24 @@ class Monitor:
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    @staticmethod
-    def _relevant(msg):
+    def _relevant(self, msg):
         kind = msg["header"]["type"]
-        if kind in (RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR):
-            return True
-        return kind == RTM_DELROUTE and msg["proto"] == ROUTE_PROTO
+        names, indexes = self.watched()
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            name = msg.get_attr("IFLA_IFNAME")
+            if names and name not in names:
+                return False
+            seen = None if kind == RTM_DELLINK else (
+                name, msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_LINK"),
+                msg.get_attr("IFLA_IFALIAS"), msg.get_attr("IFLA_ADDRESS"))
+            changed = seen is None or self._links.get(msg["index"]) != seen
+            self._links[msg["index"]] = seen
+            return changed
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            return not indexes or msg["index"] in indexes
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            ours = msg["proto"] == ROUTE_PROTO
+            host_route = msg["dst_len"] == (32 if msg["family"] == socket.AF_INET else 128)
+            # Ours deleted: repair. A foreign host route may now block or free one of ours.
+            return (ours and kind == RTM_DELROUTE) or (not ours and host_route)
+        return False

@@ -49,6 +49,13 @@ class Reconciler:
         self._all = None        # every network, from the last list call
         self._managed = {}      # id -> inspected Network, for the managed ones
         self._selection_problems = []
+        # The host as last read. Netlink tells the daemon when it changes
+        # (invalidate_host); keeping it saves a full dump on every Docker event.
+        self._host = None
+        self.watched = ((), ())
+
+    def invalidate_host(self):
+        self._host = None
 
     @property
     def knows_docker(self):
@@ -84,9 +91,16 @@ class Reconciler:
 
     def step(self):
         """Make the host match Docker; returns the Outcome (failed = actions that failed)."""
-        host = self.netlink.read()
+        host = self._host or self.netlink.read()
         outcome = self.compute(host)
         outcome.failed = self.netlink.apply(outcome.plan.actions, host, explain)
+        self._host = None if outcome.plan.actions else host
+        names = set(outcome.desired.shims) | set(plan_mod.owned_shims(host)) | {
+            m.network.parent for m in outcome.desired.networks if m.network.parent}
+        # Shims created just now have no index yet: their address events are covered by
+        # the link events, which trigger a fresh read that brings the index in.
+        self.watched = (frozenset(names), frozenset(
+            link.index for link in host.links if link.name in names))
         return outcome
 
 
