@@ -1,0 +1,415 @@
+"""Helpers for the package end-to-end test: a real systemd host in docker-in-docker.
+
+    machine's own netns (never touched)
+      netns mvre2e-<pid>               an outer dockerd confined here (DESIGN.md section 4)
+        container "box" (--network none, systemd as PID 1, a debootstrapped bookworm)
+          lan0 <-veth-> lanpeer0        the box's "LAN" (documentation addresses only)
+          docker.service                the inner engine, a macvlan network on lan0
+          macvlan-router.service        installed with apt from the .deb under test
+
+The bookworm root file system is built once with debootstrap and cached as a tarball under
+/var/cache/macvlan-router-tests/ (keyed by its package list). Names carry the pid of the
+pytest process, and what an earlier run whose process is gone left behind is swept.
+Every wait is bounded in time and in iterations.
+"""
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+DOCKER_CLI = "/usr/bin/docker"        # Debian's client, matching Debian's dockerd
+DOCKERD = "/usr/sbin/dockerd"
+CACHE_DIR = Path(os.environ.get("MVR_E2E_CACHE", "/var/cache/macvlan-router-tests"))
+NS_PREFIX = "mvre2e-"
+LABEL = "org.macvlan-router.e2e"
+
+# Debian packages the test needs on the machine itself.
+HOST_PACKAGES = ("debootstrap", "docker.io", "lintian", "systemd", "iproute2", "util-linux",
+                 "xz-utils")
+
+# The box has no network: everything the package and the test use must be in the image.
+SUITE = "bookworm"
+ROOTFS_PACKAGES = (
+    "systemd", "systemd-sysv", "dbus", "python3", "python3-docker", "python3-pyroute2",
+    "python3-systemd", "docker.io", "busybox-static", "iproute2", "apt-utils", "man-db",
+    "procps", "kmod",
+)
+ROOTFS_RECIPE = "2"   # bump when the way the rootfs is prepared changes
+
+
+class E2EError(Exception):
+    """The test environment could not be set up (not a failure of the package)."""
+
+
+def run(cmd, check=True, timeout=120, input=None, env=None, cwd=None):
+    cmd = [str(c) for c in cmd]
+    p = subprocess.run(cmd, input=input, capture_output=True, text=True, timeout=timeout,
+                       env=env, cwd=cwd, stdin=None if input is not None else subprocess.DEVNULL)
+    if check and p.returncode != 0:
+        raise E2EError(f"command failed (rc={p.returncode}): {' '.join(cmd)}\n"
+                       f"stdout: {p.stdout.strip()[-3000:]}\nstderr: {p.stderr.strip()[-3000:]}")
+    return p
+
+
+def debian_env(**extra):
+    """A Debian-only environment: no pyenv/virtualenv Python, no PYTHON* variables."""
+    env = {"PATH": DEBIAN_PATH, "HOME": os.environ.get("HOME", "/root"), "LC_ALL": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+def wait_until(cond, timeout, interval=0.5, desc=None):
+    """Poll cond() until truthy and return its value; bounded in time and iterations."""
+    deadline = time.monotonic() + timeout
+    last = None
+    for _ in range(int(timeout / interval) + 10):
+        try:
+            last = cond()
+        except (E2EError, OSError, subprocess.SubprocessError) as e:
+            last = e
+        else:
+            if last:
+                return last
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for "
+                         f"{desc or getattr(cond, '__name__', 'condition')}; last: {last!r}")
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --------------------------------------------------------------------------- host tools
+
+def missing_host_tools():
+    need = {"debootstrap": "/usr/sbin/debootstrap", "dockerd": DOCKERD, "docker": DOCKER_CLI,
+            "lintian": "/usr/bin/lintian", "systemd-analyze": "/usr/bin/systemd-analyze",
+            "ip": "/usr/sbin/ip"}
+    for tool in ("nsenter", "unshare"):
+        need[tool] = shutil.which(tool, path=DEBIAN_PATH) or f"/usr/bin/{tool}"
+    return [t for t, p in need.items() if not os.access(p, os.X_OK)]
+
+
+@contextlib.contextmanager
+def no_service_starts():
+    """While installing packages on the machine, keep invoke-rc.d/deb-systemd-invoke from
+    starting services (a dockerd in the machine's own network namespace, above all)."""
+    policy = Path("/usr/sbin/policy-rc.d")
+    if policy.exists():
+        yield
+        return
+    policy.write_text("#!/bin/sh\n# macvlan-router e2e test: start no service\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        yield
+    finally:
+        policy.unlink()
+
+
+def install_host_tools():
+    """apt-get install what the test needs on the machine, when something is missing."""
+    if not missing_host_tools():
+        return
+    apt = ["apt-get", "-y", "-q", "-o", "Acquire::Retries=5", "--no-install-recommends"]
+    env = debian_env(DEBIAN_FRONTEND="noninteractive")
+    with no_service_starts():
+        p = run(apt + ["install", *HOST_PACKAGES], check=False, timeout=900, env=env)
+        if p.returncode != 0:
+            run(["apt-get", "-q", "-o", "Acquire::Retries=5", "update"], timeout=600, env=env)
+            run(apt + ["install", *HOST_PACKAGES], timeout=900, env=env)
+    if missing_host_tools():
+        raise E2EError(f"still missing after apt-get install: {missing_host_tools()}")
+
+
+# --------------------------------------------------------------------------- the package
+
+def build_deb():
+    """Build the package with the project's own entry point (make deb -> debian/build-deb)."""
+    p = run([REPO_ROOT / "debian" / "build-deb"], check=False, timeout=1200,
+            env=debian_env(DEBIAN_FRONTEND="noninteractive"), cwd=REPO_ROOT)
+    if p.returncode != 0:
+        raise AssertionError(f"debian/build-deb failed (rc={p.returncode}):\n"
+                             f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
+    version = run(["dpkg-parsechangelog", "-S", "Version"], cwd=REPO_ROOT,
+                  env=debian_env()).stdout.strip()
+    build = REPO_ROOT / "build"
+    deb = build / f"macvlan-router_{version}_all.deb"
+    changes = next(build.glob(f"macvlan-router_{version}_*.changes"))
+    assert deb.is_file(), f"{deb} was not built"
+    return deb, changes
+
+
+# --------------------------------------------------------------------------- rootfs cache
+
+def debian_mirror():
+    """The Debian mirror the machine's apt uses (deb822 or one-line sources)."""
+    texts = []
+    for f in [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]:
+        if f.suffix in (".list", ".sources", "") and f.is_file():
+            with contextlib.suppress(OSError):
+                texts.append(f.read_text())
+    for text in texts:
+        for m in re.finditer(r"(?:URIs:|^deb)\s+(?:\[[^\]]*\]\s+)?(\S+/debian)/?\s", text + "\n",
+                             re.M):
+            return m.group(1)
+    return "http://deb.debian.org/debian"
+
+
+def rootfs_key():
+    h = hashlib.sha256(" ".join((SUITE, ROOTFS_RECIPE) + ROOTFS_PACKAGES).encode())
+    return h.hexdigest()[:12]
+
+
+def rootfs_tarball(log=print):
+    """Path of the cached bookworm rootfs tarball; debootstrap it first when missing."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    tarball = CACHE_DIR / f"{SUITE}-systemd-{rootfs_key()}.tar"
+    if tarball.is_file():
+        return tarball, True
+    for stale in CACHE_DIR.glob(f"{SUITE}-systemd-*.tar*"):
+        stale.unlink()
+    work = CACHE_DIR / f"build-{os.getpid()}"
+    mirror = debian_mirror()
+    last = None
+    for attempt in range(1, 4):
+        _remove_tree(work)
+        log(f"debootstrap {SUITE} from {mirror} (attempt {attempt})")
+        p = run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
+                 SUITE, work, mirror], check=False, timeout=1500, env=debian_env())
+        if p.returncode == 0:
+            break
+        last = p.stdout[-2000:] + p.stderr[-2000:]
+        time.sleep(5 * attempt)
+    else:
+        _remove_tree(work)
+        raise E2EError(f"debootstrap failed three times:\n{last}")
+    try:
+        _prepare_rootfs(work)
+        tmp = tarball.with_suffix(".tmp")
+        run(["tar", "-C", work, "--numeric-owner", "-cf", tmp, "."], timeout=600)
+        tmp.rename(tarball)
+    finally:
+        _remove_tree(work)
+    return tarball, False
+
+
+def _prepare_rootfs(root):
+    root = Path(root)
+    (root / "etc/hostname").write_text("mvr-e2e\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost mvr-e2e\n::1 localhost\n")
+    # A fixed machine id: the shim's MAC is derived from it.
+    (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
+    # Nothing to log in on, no hardware to wait for in a container.
+    for unit in ("getty.target", "console-getty.service", "systemd-udevd.service",
+                 "systemd-udev-trigger.service", "systemd-timesyncd.service",
+                 "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
+                 "fstrim.timer", "man-db.timer", "dpkg-db-backup.timer"):
+        link = root / "etc/systemd/system" / unit
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        link.symlink_to("/dev/null")
+    # The package is installed offline from a file: no lists, no recommends.
+    (root / "etc/apt/apt.conf.d/99e2e").write_text(
+        'APT::Install-Recommends "false";\nAcquire::Languages "none";\n')
+    run(["chroot", root, "apt-get", "clean"], check=False, env=debian_env())
+    shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- cleanup helpers
+
+def _mounts_under(path):
+    path = os.path.realpath(path)
+    out = []
+    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].replace("\\040", " ")
+            if mp == path or mp.startswith(path + "/"):
+                out.append(mp)
+    return sorted(set(out), key=lambda m: m.count("/"), reverse=True)
+
+
+def _remove_tree(path):
+    """rm -rf path, never across a mount point (unmounting what is below it first)."""
+    path = str(path)
+    if not os.path.lexists(path):
+        return
+    for _ in range(5):
+        mounts = _mounts_under(path)
+        if not mounts:
+            break
+        for mp in mounts:
+            if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
+                subprocess.run(["umount", "-l", mp], capture_output=True)
+    if _mounts_under(path):
+        print(f"e2e: mounts remain under {path}; not removing it", file=sys.stderr)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _netns_pids(ns):
+    p = run(["ip", "netns", "pids", ns], check=False, timeout=10)
+    return [int(x) for x in p.stdout.split() if x.isdigit()]
+
+
+def _kill_pids(pids, grace):
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for _ in range(int(grace / 0.1) + 5):
+        if not any(pid_alive(p) for p in pids) or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def sweep_stale():
+    """Remove namespaces, engines and directories left by e2e runs whose process is gone."""
+    p = run(["ip", "netns", "list"], check=False, timeout=10)
+    for line in p.stdout.splitlines():
+        name = (line.split() or [""])[0]
+        m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)", name)
+        if m and not pid_alive(int(m.group(1))):
+            _kill_pids(_netns_pids(name), grace=15)
+            run(["ip", "netns", "del", name], check=False, timeout=10)
+    for d in Path("/tmp").glob(NS_PREFIX + "*"):
+        m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)", d.name)
+        if m and d.is_dir() and not pid_alive(int(m.group(1))):
+            _remove_tree(d)
+
+
+# --------------------------------------------------------------------------- the outer engine
+
+class OuterDocker:
+    """A dockerd confined to a network namespace of its own, with its own directories."""
+
+    def __init__(self):
+        self.name = f"{NS_PREFIX}{os.getpid()}"
+        self.dir = Path("/tmp") / self.name          # short: socket paths are limited
+        self.sock = self.dir / "docker.sock"
+        self.proc = None
+        self.log = None
+
+    def start(self, timeout=60):
+        self.dir.mkdir(mode=0o700, exist_ok=False)
+        run(["ip", "netns", "add", self.name])
+        run(["ip", "-n", self.name, "link", "set", "lo", "up"])
+        self.log = open(self.dir / "dockerd.log", "w")
+        # nsenter, not `ip netns exec` (which remounts /sys: "Devices cgroup isn't mounted").
+        self.proc = subprocess.Popen(
+            ["nsenter", f"--net=/run/netns/{self.name}", "--", DOCKERD,
+             "--data-root", self.dir / "root", "--exec-root", self.dir / "exec",
+             "-H", f"unix://{self.sock}", "--pidfile", self.dir / "pid",
+             "--bridge=none", "--iptables=false", "--ip6tables=false"],
+            stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+            env=debian_env(), start_new_session=True)
+        wait_until(lambda: self.proc.poll() is None and
+                   self.docker("version", check=False, timeout=10).returncode == 0,
+                   timeout, desc="the outer dockerd to answer")
+        if self.proc.poll() is not None:
+            raise E2EError(f"outer dockerd exited: {self.read_log()}")
+
+    def read_log(self):
+        with contextlib.suppress(OSError):
+            return (self.dir / "dockerd.log").read_text()[-3000:]
+        return ""
+
+    def docker(self, *args, check=True, timeout=120, input=None):
+        return run([DOCKER_CLI, "-H", f"unix://{self.sock}", *args], check=check,
+                   timeout=timeout, input=input, env=debian_env())
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            p = self.docker("ps", "-aq", "--filter", f"label={LABEL}", check=False, timeout=30)
+            for cid in p.stdout.split():
+                self.docker("rm", "-f", cid, check=False, timeout=60)
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        if self.log:
+            self.log.close()
+        # containerd and shims started by this engine live in our namespace only.
+        _kill_pids(_netns_pids(self.name), grace=10)
+        run(["ip", "netns", "del", self.name], check=False, timeout=10)
+        _remove_tree(self.dir)
+
+
+# --------------------------------------------------------------------------- the systemd box
+
+BOX_RUN_FLAGS = (
+    "--network", "none", "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+    "--security-opt", "seccomp=unconfined", "--security-opt", "systempaths=unconfined",
+    "--tmpfs", "/run", "--tmpfs", "/run/lock",
+    "--tmpfs", "/var/lib/docker:rw,exec,size=2g",
+    "-v", "/sys/fs/cgroup:/sys/fs/cgroup", "-e", "container=docker",
+    "--stop-signal", "SIGRTMIN+3",
+)
+
+
+class Box:
+    """A container running systemd as PID 1: the Debian host the package is installed on."""
+
+    def __init__(self, engine, image):
+        self.engine = engine
+        self.image = image
+        self.name = f"{NS_PREFIX}{os.getpid()}-box"
+
+    def start(self, timeout=90):
+        self.engine.docker("run", "-d", "--name", self.name, "--hostname", "mvr-e2e",
+                           "--label", LABEL, *BOX_RUN_FLAGS, self.image, "/sbin/init")
+        # An immediate exec cannot reach the bus: wait for boot to finish.
+        state = wait_until(
+            lambda: self.sh("timeout 10 systemctl is-system-running --wait",
+                            check=False, timeout=20).stdout.strip()
+            in ("running", "degraded") and
+            self.sh("systemctl is-system-running", check=False).stdout.strip(),
+            timeout, interval=1, desc="systemd in the box to finish booting")
+        if state == "degraded":
+            failed = self.sh("systemctl --failed --no-legend --plain", check=False).stdout
+            print(f"e2e: box booted degraded; failed units:\n{failed}", file=sys.stderr)
+        return state
+
+    def sh(self, script, check=True, timeout=120, input=None):
+        args = ["exec"] + (["-i"] if input is not None else []) + [self.name, "sh", "-c", script]
+        return self.engine.docker(*args, check=check, timeout=timeout, input=input)
+
+    def cp_in(self, src, dst):
+        self.engine.docker("cp", str(src), f"{self.name}:{dst}")
+
+    def write(self, path, text):
+        self.sh(f"cat > {path}", input=text)
+
+    def show(self, unit, *props):
+        p = self.sh(f"systemctl show {unit} " + " ".join(f"-p {x}" for x in props))
+        return dict(line.split("=", 1) for line in p.stdout.splitlines() if "=" in line)
+
+    def journal(self, unit="macvlan-router", extra=""):
+        return self.sh(f"journalctl --no-pager -o cat -u {unit} {extra}", check=False).stdout
+
+    def stop(self):
+        self.engine.docker("stop", "-t", "15", self.name, check=False, timeout=60)
+        self.engine.docker("rm", "-f", self.name, check=False, timeout=60)
