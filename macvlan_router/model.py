@@ -109,8 +109,6 @@ class ShimSpec:
     parent: str
     mac: Optional[str]
     addresses: FrozenSet[ipaddress._BaseAddress]  # ip_interface /32 and /128
-    # Only needed when the shim reuses the host's IPv4 address.
-    arp_filter: bool = True
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,25 @@ def set_arp_filter(index, value=1):
         raise NetlinkError(-error, os.strerror(-error))
 
 
+def refuse_router_advertisements(name):
+    """accept_ra=0 on a new shim, before it goes up.
+
+    Otherwise a LAN router's advertisements give the shim a SLAAC address, a prefix
+    route and a default route, all of which vanish with the shim. There is no
+    netlink way to set it; where /proc/sys is read-only we say so and go on.
+    """
+    path = f"/proc/sys/net/ipv6/conf/{name}/accept_ra"
+    try:
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write("0")
+    except OSError as exc:
+        log.warning("cannot turn off IPv6 router advertisements on %s (%s: %s): if the LAN "
+                    "announces IPv6 routers, the shim may get an address and routes of its own",
+                    name, path, exc.strerror)
+    else:
+        log.info("sysctl -w net.ipv6.conf.%s.accept_ra=0", name)
+
+
 def read_machine_id():
     for path in MACHINE_ID_PATHS:
         try:
@@ -208,6 +227,7 @@ class Netlink:
             # The alias cannot ride on RTM_NEWLINK; if we die before this line the
             # link keeps our name and MAC, which plan.owned_shims() also accepts.
             ipr.link("set", index=self.index(action.name, Host()), ifalias=LINK_ALIAS)
+            refuse_router_advertisements(action.name)
         elif isinstance(action, actions.LinkDel):
             ipr.link("del", index=self.index(action.name, host))
         elif isinstance(action, actions.LinkUp):

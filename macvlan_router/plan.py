@@ -162,7 +162,7 @@ def compute(desired, host):
         if parent is None or not parent.up:
             continue
         has_v4 = any(a.version == 4 for a in spec.addresses)
-        if has_v4 and spec.arp_filter and (fresh or not link.arp_filter):
+        if has_v4 and (fresh or not link.arp_filter):
             actions.append(ArpFilter(name))
         if fresh or not link.up:
             actions.append(LinkUp(name))
