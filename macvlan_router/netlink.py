@@ -76,18 +76,10 @@ def refuse_router_advertisements(name):
 
     Otherwise a LAN router's advertisements give the shim a SLAAC address, a prefix
     route and a default route, all of which vanish with the shim. There is no
-    netlink way to set it; where /proc/sys is read-only we say so and go on.
+    netlink way to set it, so this one goes through /proc/sys.
     """
-    path = f"/proc/sys/net/ipv6/conf/{name}/accept_ra"
-    try:
-        with open(path, "w", encoding="ascii") as handle:
-            handle.write("0")
-    except OSError as exc:
-        log.warning("cannot turn off IPv6 router advertisements on %s (%s: %s): if the LAN "
-                    "announces IPv6 routers, the shim may get an address and routes of its own",
-                    name, path, exc.strerror)
-    else:
-        log.info("sysctl -w net.ipv6.conf.%s.accept_ra=0", name)
+    with open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w", encoding="ascii") as handle:
+        handle.write("0")
 
 
 def read_machine_id():
@@ -213,6 +205,13 @@ class Netlink:
                 failed += 1
                 log.error("failed: %s: %s", action.command(), _reason(exc), extra=fields)
                 continue
+            except OSError as exc:
+                # Only the /proc/sys write raises this: read-only where the service is
+                # hardened or in a container. Worth a warning, not a retry loop.
+                log.warning("could not %s (%s): if the LAN announces IPv6 routers, the shim "
+                            "may get an address and routes of its own", action.command(),
+                            exc.strerror, extra=fields)
+                continue
             log.info("%s%s", action.command(), reason, extra=fields)
         return failed
 
@@ -227,6 +226,7 @@ class Netlink:
             # The alias cannot ride on RTM_NEWLINK; if we die before this line the
             # link keeps our name and MAC, which plan.owned_shims() also accepts.
             ipr.link("set", index=self.index(action.name, Host()), ifalias=LINK_ALIAS)
+        elif isinstance(action, actions.RefuseRouterAdvertisements):
             refuse_router_advertisements(action.name)
         elif isinstance(action, actions.LinkDel):
             ipr.link("del", index=self.index(action.name, host))

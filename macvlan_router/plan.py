@@ -52,6 +52,14 @@ class ArpFilter:
 
 
 @dataclass(frozen=True)
+class RefuseRouterAdvertisements:
+    name: str
+
+    def command(self):
+        return f"sysctl -w net.ipv6.conf.{self.name}.accept_ra=0"
+
+
+@dataclass(frozen=True)
 class AddrAdd:
     name: str
     interface: ipaddress._BaseAddress
@@ -164,6 +172,8 @@ def compute(desired, host):
         has_v4 = any(a.version == 4 for a in spec.addresses)
         if has_v4 and (fresh or not link.arp_filter):
             actions.append(ArpFilter(name))
+        if fresh:
+            actions.append(RefuseRouterAdvertisements(name))
         if fresh or not link.up:
             actions.append(LinkUp(name))
         present = {} if fresh else {a.interface: a for a in host.addresses_of(name)

@@ -24,6 +24,8 @@ def apply_model(h, actions):
             links.remove(by_name(action.name))
             addresses = [a for a in addresses if a.ifname != action.name]
             routes = [r for r in routes if r.ifname != action.name]
+        elif isinstance(action, plan.RefuseRouterAdvertisements):
+            pass
         elif isinstance(action, (plan.LinkUp, plan.ArpFilter)):
             link = by_name(action.name)
             field = "up" if isinstance(action, plan.LinkUp) else "arp_filter"
@@ -55,7 +57,8 @@ def test_fresh_host_gets_shim_then_routes_in_order():
     lan = network(endpoints=[endpoint("web", "198.51.100.130")])
     want, first, after, second = converge(Config(), [lan], host())
     kinds = [type(a).__name__ for a in first.actions]
-    assert kinds == ["LinkAdd", "ArpFilter", "LinkUp", "AddrAdd", "RouteReplace"]
+    assert kinds == ["LinkAdd", "ArpFilter", "RefuseRouterAdvertisements", "LinkUp", "AddrAdd",
+                     "RouteReplace"]
     assert second.actions == ()
 
 
