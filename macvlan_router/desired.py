@@ -145,7 +145,7 @@ def compute(config, networks, host):
                     if address is not None:
                         _route_endpoint(network, endpoint, address, sources, name,
                                         host_ips, routes, problems)
-        if shim_addresses or any(n.subnets for n in members):
+        if shim_addresses:
             shims[name] = ShimSpec(name=name, parent=parent,
                                    mac=stable_mac(host.machine_id, parent),
                                    addresses=frozenset(shim_addresses))
@@ -185,11 +185,11 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
     taken = {e.ipv4 for e in network.endpoints} | {e.ipv6 for e in network.endpoints}
     if subnet.version == 4:
         configured = [a for a in config.bridge_ips if a in subnet]
-        if configured:
-            return configured[0]
         reuse = [a.ip for a in host.addresses_of(parent) if a.ip in subnet]
-        if reuse:
-            return reuse[0]
+        if configured or reuse:
+            address = (configured or reuse)[0]
+            return _checked(address, "MACVLAN_BRIDGE_IP" if configured else None, network,
+                            problems)
         hint = ("none of MACVLAN_BRIDGE_IP=" + ",".join(map(str, config.bridge_ips))
                 + " lies in it, and " if config.bridge_ips else "")
         problems.append(Problem(
@@ -199,14 +199,35 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
         return None
     configured = [a for a in config.bridge_ip6s if a in subnet]
     if configured:
-        return configured[0]
+        return _checked(configured[0], "MACVLAN_BRIDGE_IP6", network, problems)
     generated = stable_ipv6(host.machine_id or network.id, parent, subnet,
-                            taken | set(host_ips) | set(network.reserved))
+                            taken | set(host_ips) | network.gateways | network.aux_addresses)
     if generated is None:
         problems.append(Problem(
             f"network {network.name} ({subnet} on {parent}): the subnet has no room for a "
             "generated shim address; set MACVLAN_BRIDGE_IP6", network.name))
     return generated
+
+
+def _checked(address, key, network, problems):
+    """The shim's address, unless it is the network's gateway; warn if Docker may hand it out."""
+    what = f"{key}={address}" if key else f"the host's address {address}, which the shim reuses,"
+    if address in network.gateways:
+        problems.append(Problem(
+            f"{what} is the gateway of network {network.name} (the LAN's router); "
+            + ("choose a free address" if key else
+               f"set MACVLAN_BRIDGE_IP to a free address of {network.name}'s subnet"),
+            network.name))
+        return None
+    pools = [r for r in network.ip_ranges if r.version == address.version] or \
+        [s for s in network.subnets if s.version == address.version]
+    if address not in network.aux_addresses and any(address in pool for pool in pools):
+        problems.append(Problem(
+            f"{what} lies where Docker allocates container addresses in network "
+            f"{network.name} and is not reserved: a new container may get it. Reserve it "
+            f"(docker network create ... --aux-address shim={address}) or use --ip-range",
+            network.name, kind="warning"))
+    return address
 
 
 def _route_endpoint(network, endpoint, address, sources, shim, host_ips, routes, problems):

@@ -54,21 +54,11 @@ def describe_unreachable(url, exc):
 
 
 def _subnets(raw):
-    result = []
-    for entry in (raw.get("IPAM") or {}).get("Config") or []:
-        if entry.get("Subnet"):
-            result.append(ipaddress.ip_network(entry["Subnet"], strict=False))
-    return tuple(result)
+    return tuple(ipaddress.ip_network(s, strict=False) for s in _ipam(raw, "Subnet"))
 
 
-def _reserved(raw):
-    result = set()
-    for entry in (raw.get("IPAM") or {}).get("Config") or []:
-        candidates = [entry.get("Gateway")] + list((entry.get("AuxiliaryAddresses") or {}).values())
-        for text in candidates:
-            if text:
-                result.add(ipaddress.ip_interface(text).ip)
-    return frozenset(result)
+def _ipam(raw, key):
+    return [entry[key] for entry in (raw.get("IPAM") or {}).get("Config") or [] if entry.get(key)]
 
 
 def _address(text):
@@ -93,7 +83,10 @@ def to_network(raw, by_name):
         parent=(source.get("Options") or {}).get("parent"),
         subnets=_subnets(source),
         endpoints=endpoints,
-        reserved=_reserved(source),
+        gateways=frozenset(ipaddress.ip_interface(g).ip for g in _ipam(source, "Gateway")),
+        aux_addresses=frozenset(ipaddress.ip_address(a) for aux in _ipam(source, "AuxiliaryAddresses")
+                                for a in aux.values()),
+        ip_ranges=tuple(ipaddress.ip_network(r, strict=False) for r in _ipam(source, "IPRange")),
         labels=tuple(sorted((raw.get("Labels") or {}).items())))
 
 

@@ -38,8 +38,11 @@ class Network:
     driver: str = "macvlan"
     subnets: Tuple[ipaddress._BaseNetwork, ...] = ()
     endpoints: Tuple[Endpoint, ...] = ()
-    # Gateways and --aux-address entries: addresses Docker will not hand out.
-    reserved: FrozenSet[ipaddress._BaseAddress] = frozenset()
+    # Addresses Docker will not hand out: the LAN's routers, and --aux-address entries.
+    gateways: FrozenSet[ipaddress._BaseAddress] = frozenset()
+    aux_addresses: FrozenSet[ipaddress._BaseAddress] = frozenset()
+    # Where Docker allocates from (--ip-range); empty means the whole subnet.
+    ip_ranges: Tuple[ipaddress._BaseNetwork, ...] = ()
     labels: Tuple[Tuple[str, str], ...] = ()
 
 

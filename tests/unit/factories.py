@@ -26,8 +26,11 @@ def endpoint(name, v4=None, v6=None):
 
 
 def network(name="lan", parent="eth0", subnets=("198.51.100.0/24",), endpoints=(), **kw):
+    """By default Docker allocates from the upper half of each subnet (--ip-range)."""
+    subnets = tuple(net(s) for s in subnets)
+    kw.setdefault("ip_ranges", tuple(list(s.subnets())[1] for s in subnets))
     return Network(id=(name + "0" * 64)[:64], name=name, parent=parent,
-                   subnets=tuple(net(s) for s in subnets), endpoints=tuple(endpoints), **kw)
+                   subnets=subnets, endpoints=tuple(endpoints), **kw)
 
 
 def host(links=("eth0",), addresses=(("eth0", "198.51.100.2/24"),), shims=(), routes=(),

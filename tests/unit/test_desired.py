@@ -169,3 +169,22 @@ def test_every_route_lies_in_a_managed_subnet_or_additional_routes():
     lan = network(endpoints=[endpoint("a", "198.51.100.130"), endpoint("b", None, "2001:db8::5")])
     result = compute(networks=[lan])
     assert list(result.routes) == [net("198.51.100.130/32")]
+
+
+def test_shim_address_equal_to_the_gateway_is_an_error():
+    lan = network(gateways=frozenset({ip("198.51.100.1")}))
+    result = compute(Config(bridge_ips=(ip("198.51.100.1"),)), [lan])
+    assert any("MACVLAN_BRIDGE_IP=198.51.100.1 is the gateway of network lan" in m
+               for m in errors(result))
+    assert "mvr-eth0" not in result.shims
+
+
+def test_shim_address_in_dockers_pool_warns_unless_reserved():
+    unreserved = compute(Config(bridge_ips=(ip("198.51.100.250"),)), [network()])
+    assert [p.kind for p in unreserved.problems] == ["warning"]
+    assert "--aux-address shim=198.51.100.250" in unreserved.problems[0].message
+    reserved = compute(Config(bridge_ips=(ip("198.51.100.250"),)),
+                       [network(aux_addresses=frozenset({ip("198.51.100.250")}))])
+    assert not reserved.problems
+    whole_subnet = compute(networks=[network(ip_ranges=())])
+    assert "the host's address 198.51.100.2" in whole_subnet.problems[0].message
