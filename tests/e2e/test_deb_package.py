@@ -322,6 +322,17 @@ def test_reload_applies_the_edited_default_file(box):
     e2e.wait_until(lambda: not any(r.startswith(EXTRA_ROUTE) for r in owned_routes(box)),
                    20, desc=f"{EXTRA_ROUTE} gone after the second reload")
     box_ping(box, ensure_lan(box)[0])
+    # An invalid file on reload is logged and the old configuration kept.
+    box.sh("cp /etc/default/macvlan-router /root/default.before-reload && "
+           "echo MACVLAN_BRIDGE_IP=nonsense >> /etc/default/macvlan-router")
+    box.sh(f"systemctl reload {UNIT}")
+    e2e.wait_until(lambda: "nonsense" in box.journal(extra="-n 20"), 20,
+                   desc="the reload error in the journal")
+    s = box.show(UNIT, "ActiveState", "NRestarts", "MainPID")
+    assert s["ActiveState"] == "active" and s == dict(restarts, ActiveState="active"), s
+    box_ping(box, ensure_lan(box)[0])
+    box.sh("cp /root/default.before-reload /etc/default/macvlan-router && "
+           f"systemctl reload {UNIT}")
 
 
 def test_watchdog_kills_and_restarts_a_stuck_daemon(box):
@@ -406,3 +417,16 @@ def test_purge_leaves_nothing_behind(box):
     assert box.sh("dpkg -s macvlan-router", check=False).returncode != 0
     assert not box.sh("ls /etc/systemd/system/*/macvlan-router* 2>/dev/null",
                       check=False).stdout.strip(), "unit links left behind"
+
+
+def test_install_on_a_host_without_docker(box):
+    """Docker not installed yet (no engine, no group docker): the package still installs,
+    the service starts and waits for Docker. Runs last: it removes the box's engine."""
+    box.sh("export DEBIAN_FRONTEND=noninteractive; "
+           "! dpkg -s macvlan-router >/dev/null 2>&1 || apt-get purge -y macvlan-router; "
+           "apt-get purge -y docker.io", timeout=300)
+    box.sh("! getent group docker || groupdel docker")
+    install(box)
+    assert "macvlan-router" in box.sh("getent group docker").stdout.strip().split(":")[-1]
+    s = box.show(UNIT, "ActiveState", "StatusText")
+    assert s["ActiveState"] == "active" and "waiting" in s["StatusText"].lower(), s
