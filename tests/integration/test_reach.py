@@ -212,3 +212,23 @@ def test_owned_routes_carry_protocol(lab, engine):
     owned = lab.owned_routes()
     assert {r["dst"] for r in owned} == want, owned
     assert all(str(r.get("protocol")) in PROTO_NAMES and r["dev"] == SHIM0 for r in owned)
+
+
+def test_zero_config_without_host_address_skips_that_network(lab, engine):
+    """Zero-config IPv4 reuses the host's address in the network's subnet; where the host
+    has none, the daemon says so and skips that network, and the others still work."""
+    lab.ipc("addr", "flush", "dev", "lan1", "scope", "global")
+    engine.network("net0", parent="lan0")
+    engine.network("net1", parent="lan1")
+    engine.container("c0", "net0", ip=C4)
+    engine.container("c1", "net1", ip=D4)
+    d = lab.daemon({})
+    wait_until(lambda: lab.route_via(C4, SHIM0), desc="route on the network that works")
+    lab.wait_ping(C4)
+    wait_until(lambda: "net1" in d.stderr and "203.0.113" in d.stderr,
+               desc="a message naming the skipped network and its subnet")
+    assert lab.route(D4) is None
+    assert not [a for a in (lab.global_addrs(SHIM1, 4) if lab.link(SHIM1) else [])], \
+        "no address to reuse, so none may appear on the shim"
+    assert d.alive()
+    assert_no_traceback(d.stderr)
