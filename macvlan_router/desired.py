@@ -109,7 +109,6 @@ def compute(config, networks, host):
             by_parent[network.parent].append(network)
         else:
             managed.append(ManagedNetwork(network, None))
-    used_v4, used_v6 = set(), set()
     names = _shim_names(config, sorted(by_parent), problems)
 
     for parent in sorted(by_parent):
@@ -137,7 +136,6 @@ def compute(config, networks, host):
                                        host_ips, problems)
                 if source is None:
                     continue
-                (used_v4 if subnet.version == 4 else used_v6).add(source)
                 sources[subnet] = source
                 shim_addresses.add(ipaddress.ip_interface(f"{source}/{source.max_prefixlen}"))
             for endpoint in network.endpoints:
@@ -150,8 +148,8 @@ def compute(config, networks, host):
                                    mac=stable_mac(host.machine_id, parent),
                                    addresses=frozenset(shim_addresses))
 
-    _unused_addresses(config.bridge_ips, used_v4, "MACVLAN_BRIDGE_IP", networks, problems)
-    _unused_addresses(config.bridge_ip6s, used_v6, "MACVLAN_BRIDGE_IP6", networks, problems)
+    _outside_addresses(config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
+    _outside_addresses(config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
     _additional_routes(config.additional_routes, shims, managed, routes, problems)
     return Desired(shims=shims, routes=routes, networks=tuple(managed),
                    problems=tuple(problems))
@@ -258,13 +256,14 @@ def _route_endpoint(network, endpoint, address, sources, shim, host_ips, routes,
                             container_name=endpoint.container_name)
 
 
-def _unused_addresses(configured, used, key, networks, problems):
-    subnets = ", ".join(f"{n.name}: {s}" for n in networks for s in n.subnets) or "none"
+def _outside_addresses(configured, key, networks, problems):
+    subnets = [s for n in networks for s in n.subnets]
+    listing = ", ".join(f"{n.name}: {s}" for n in networks for s in n.subnets) or "none"
     for address in configured:
-        if address not in used:
+        if not any(address in subnet for subnet in subnets):
             problems.append(Problem(
                 f"{key}={address} lies in none of the managed networks' subnets "
-                f"({subnets}); use a free address inside one of them"))
+                f"({listing}); use a free address inside one of them"))
 
 
 def _additional_routes(prefixes, shims, managed, routes, problems):
