@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import sys
 
 from . import __version__
@@ -206,6 +207,10 @@ def main(argv=None):
         return exc.exit_status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `macvlan-router status | head`: the reader left; nothing more to say.
+        sys.stdout = open(os.devnull, "w")
+        return EX_FAILURE
 
 
 if __name__ == "__main__":
