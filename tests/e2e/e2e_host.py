@@ -43,6 +43,9 @@ ROOTFS_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "python3", "python3-docker", "python3-pyroute2",
     "python3-systemd", "docker.io", "busybox-static", "iproute2", "apt-utils", "man-db",
     "procps", "kmod",
+    # `make install` from a source tree, as the README has a user do it.
+    "make", "build-essential", "dpkg-dev", "debhelper", "dh-python",
+    "pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "python3-pytest", "python3-hypothesis",
 )
 ROOTFS_RECIPE = "2"   # bump when the way the rootfs is prepared changes
 

@@ -419,6 +419,31 @@ def test_purge_leaves_nothing_behind(box):
                       check=False).stdout.strip(), "unit links left behind"
 
 
+def test_make_install_from_a_source_tree(box):
+    """The README's command on a systemd host: builds the .deb, installs it with apt, and
+    leaves the service enabled and running with the default configuration."""
+    box.sh("export DEBIAN_FRONTEND=noninteractive; "
+           "! dpkg -s macvlan-router >/dev/null 2>&1 || apt-get purge -y macvlan-router")
+    # The checkout as git sees it (tracked and new files), as a clone would have it.
+    listing = e2e.run(["git", "-C", e2e.REPO_ROOT, "ls-files", "-z", "--cached", "--others",
+                       "--exclude-standard"]).stdout
+    files = [f for f in listing.split("\0") if f and (e2e.REPO_ROOT / f).exists()]
+    tar = subprocess.run(["tar", "-C", e2e.REPO_ROOT, "--null", "-T", "-", "-cf", "-"],
+                         input="\0".join(files).encode(), capture_output=True, check=True).stdout
+    p = subprocess.run([e2e.DOCKER_CLI, "-H", f"unix://{box.engine.sock}", "exec", "-i",
+                        box.name, "sh", "-c",
+                        "rm -rf /root/src && mkdir /root/src && tar -C /root/src -xf -"],
+                       input=tar, capture_output=True, timeout=120, env=e2e.debian_env())
+    assert p.returncode == 0, p.stderr
+    t = time.monotonic()
+    p = box.sh("cd /root/src && make install", check=False, timeout=600)
+    say(f"make install in the box took {time.monotonic() - t:.1f}s")
+    assert p.returncode == 0, f"make install failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    assert box.sh(f"systemctl is-enabled {UNIT}").stdout.strip() == "enabled"
+    wait_active(box)
+    box_ping(box, ensure_lan(box)[0])
+
+
 def test_install_on_a_host_without_docker(box):
     """Docker not installed yet (no engine, no group docker): the package still installs,
     the service starts and waits for Docker. Runs last: it removes the box's engine."""
