@@ -45,7 +45,8 @@ ROOTFS_PACKAGES = (
     "procps", "kmod",
     # `make install` from a source tree, as the README has a user do it.
     "make", "build-essential", "dpkg-dev", "debhelper", "dh-python",
-    "pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "python3-pytest", "python3-hypothesis",
+    "pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "python3-pytest",
+    "python3-hypothesis",
 )
 ROOTFS_RECIPE = "2"   # bump when the way the rootfs is prepared changes
 
