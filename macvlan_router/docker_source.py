@@ -133,13 +133,16 @@ class DockerSource:
 class EventWatcher:
     """Follows Docker's event stream in a thread, reconnecting with backoff.
 
+    The backoff stops at a second: a failed connect to a local socket costs next to
+    nothing, and a restarted engine must be noticed within a second.
+
     Calls on_event(REFRESH_ALL) right after each (re)subscription, so nothing that
     happened before or in the gap is missed; on_event(network id) for a connect or
     disconnect; on_lost(message) when the stream ends or cannot be opened (docker-py
     just stops iterating when dockerd goes away).
     """
 
-    def __init__(self, url, on_event, on_lost, max_backoff=5.0):
+    def __init__(self, url, on_event, on_lost, max_backoff=1.0):
         self.url = url
         self.on_event = on_event
         self.on_lost = on_lost
