@@ -442,6 +442,12 @@ def test_make_install_from_a_source_tree(box):
     assert box.sh(f"systemctl is-enabled {UNIT}").stdout.strip() == "enabled"
     wait_active(box)
     box_ping(box, ensure_lan(box)[0])
+    # /etc/default/macvlan-router is a conffile: a local edit survives a reinstall.
+    box.sh("echo '# edited by the e2e test' >> /etc/default/macvlan-router && "
+           "DEBIAN_FRONTEND=noninteractive apt-get install -y --reinstall "
+           "/root/src/build/macvlan-router_*_all.deb")
+    assert "# edited by the e2e test" in box.sh("cat /etc/default/macvlan-router").stdout
+    wait_active(box)
 
 
 def test_install_on_a_host_without_docker(box):
