@@ -129,7 +129,12 @@ class Daemon:
         if not force or not self.reconciler.knows_docker:
             return None
         try:
-            outcome = self.reconciler.step()
+            outcome = self.reconciler.assess()
+            if not self.started:
+                self.started = True
+                if outcome.errors:
+                    return self._refuse_to_start(outcome)
+            self.reconciler.apply(outcome)
         except DockerUnavailable as exc:
             self._docker_lost(str(exc))
             return None
@@ -143,21 +148,22 @@ class Daemon:
         log.debug("reconcile took %.1f ms (Docker %.1f ms), %d changes",
                   (self.clock() - started) * 1000, (docker_done - started) * 1000,
                   len(outcome.plan.actions))
-        if not self.started:
-            self.started = True
-            if outcome.errors:
-                for problem in outcome.errors:
-                    log.error("%s", problem.message, extra=log_mod.fields(network=problem.network))
-                log.error("stopping: fix the problems above in %s and restart "
-                          "(macvlan-router check shows them)", self.config_path)
-                self.notifier.status("configuration error: " + outcome.errors[0].message)
-                return EX_CONFIG
         self._report(outcome)
         if outcome.failed:
             self._schedule_retry()
         else:
             self.retry_at, self.retry_delay = None, 1.0
         return None
+
+    def _refuse_to_start(self, outcome):
+        """Problems at the first reconcile are configuration errors: stop before changing anything."""
+        for problem in outcome.errors:
+            log.error("%s", problem.message, extra=log_mod.fields(network=problem.network))
+        log.error("stopping without changing anything: fix the problems above in %s and "
+                  "restart (macvlan-router check shows them)", self.config_path)
+        self.notifier.status("configuration error: " + outcome.errors[0].message)
+        self.watcher.stop()
+        return EX_CONFIG
 
     def _schedule_retry(self):
         self.retry_at = self.clock() + self.retry_delay

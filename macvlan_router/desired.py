@@ -190,10 +190,12 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
                             problems)
         hint = ("none of MACVLAN_BRIDGE_IP=" + ",".join(map(str, config.bridge_ips))
                 + " lies in it, and " if config.bridge_ips else "")
+        # Common and legitimate (a VLAN the host itself is not on): skip, do not fail.
         problems.append(Problem(
-            f"network {network.name} ({subnet} on {parent}): {hint}the host has no address "
-            f"in {subnet} on {parent} to reuse; set MACVLAN_BRIDGE_IP to a free address of "
-            f"{subnet} (and keep Docker off it with --aux-address)", network.name))
+            f"network {network.name} ({subnet} on {parent}) is skipped: {hint}the host has no "
+            f"address in {subnet} on {parent} to reuse; to reach it from this host, set "
+            f"MACVLAN_BRIDGE_IP to a free address of {subnet} (and keep Docker off it with "
+            "--aux-address)", network.name, kind="warning"))
         return None
     configured = [a for a in config.bridge_ip6s if a in subnet]
     if configured:

@@ -130,7 +130,7 @@ class Problem:
     """Something the user should know, worded as what is wrong and what to do.
 
     kind "error": the user must fix it (fatal when present at start);
-    "warning": we step aside for something the user set up; "waiting": it fixes
+    "warning": something is skipped or at risk, the rest works; "waiting": it fixes
     itself (a parent interface still down).
     """
 

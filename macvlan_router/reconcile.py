@@ -11,7 +11,7 @@ from . import desired as desired_state
 from . import plan as plan_mod
 from .docker_source import REFRESH_ALL, REFRESH_ENDPOINTS
 from .log import fields
-from .model import Desired
+from .model import Desired, Host
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 class Outcome:
     desired: Desired
     plan: plan_mod.Plan
+    host: Host
     failed: int = 0
     problems: tuple = field(default=())
 
@@ -87,12 +88,15 @@ class Reconciler:
         want = desired_state.compute(self.config, networks, host)
         plan = plan_mod.compute(want, host)
         problems = tuple(self._selection_problems) + want.problems + plan.problems
-        return Outcome(desired=want, plan=plan, problems=problems)
+        return Outcome(desired=want, plan=plan, host=host, problems=problems)
 
-    def step(self):
-        """Make the host match Docker; returns the Outcome (failed = actions that failed)."""
-        host = self._host or self.netlink.read()
-        outcome = self.compute(host)
+    def assess(self):
+        """What a reconcile would do now, without doing it."""
+        return self.compute(self._host or self.netlink.read())
+
+    def apply(self, outcome):
+        """Carry out the outcome's plan; sets outcome.failed to the number of failed changes."""
+        host = outcome.host
         outcome.failed = self.netlink.apply(outcome.plan.actions, host, explain)
         self._host = None if outcome.plan.actions else host
         names = set(outcome.desired.shims) | set(plan_mod.owned_shims(host)) | {
@@ -101,7 +105,6 @@ class Reconciler:
         # the link events, which trigger a fresh read that brings the index in.
         self.watched = (frozenset(names), frozenset(
             link.index for link in host.links if link.name in names))
-        return outcome
 
 
 def cleanup(netlink):

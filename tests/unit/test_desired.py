@@ -34,9 +34,12 @@ def test_configured_bridge_ip_wins_over_host_address():
 def test_no_host_address_in_subnet_is_reported_and_skipped():
     result = compute(networks=[network(subnets=("203.0.113.0/24",),
                                        endpoints=[endpoint("web", "203.0.113.9")])])
-    assert not result.routes
-    (message,) = errors(result)
-    assert "203.0.113.0/24" in message and "MACVLAN_BRIDGE_IP" in message
+    assert not result.routes and not result.shims
+    assert not errors(result), "a network the host is not on is skipped, not fatal"
+    (problem,) = result.problems
+    assert problem.kind == "warning"
+    assert "skipped" in problem.message and "203.0.113.0/24" in problem.message
+    assert "MACVLAN_BRIDGE_IP" in problem.message
 
 
 def test_out_of_subnet_bridge_ip_is_reported():
