@@ -103,7 +103,7 @@ def test_package_contents(unpacked):
     default = (unpacked / "etc/default/macvlan-router").read_text()
     for key in ("MACVLAN_DOCKER_NETWORK", "MACVLAN_BRIDGE_IP", "MACVLAN_BRIDGE_IP6",
                 "MACVLAN_BRIDGE_INTERFACE_NAME", "ADDITIONAL_ROUTES", "CLEANUP_ON_EXIT",
-                "RESYNC_INTERVAL", "LOG_LEVEL", "DEBUG"):
+                "RESYNC_INTERVAL", "LOG_LEVEL", "DEBUG", "DOCKER_HOST"):
         assert re.search(rf"^#{key}=", default, re.M), f"{key} not listed in the default file"
     assert not [line for line in default.splitlines() if line.strip()
                 and not line.lstrip().startswith("#")], "the default file sets a key"
@@ -356,13 +356,29 @@ def test_watchdog_kills_and_restarts_a_stuck_daemon(box):
 
 def test_stop_removes_shim_and_routes(box):
     ensure_installed(box)
-    ensure_lan(box)
+    ip4 = ensure_lan(box)[0]
     box.sh(f"systemctl stop {UNIT}")
     assert not shim_exists(box), f"{SHIM} still there after stop"
     assert not owned_routes(box), owned_routes(box)
     box.sh(f"systemctl start {UNIT}")
     wait_active(box)
-    box_ping(box, ensure_lan(box)[0])
+    box_ping(box, ip4)
+
+
+def test_stop_keeps_shim_and_routes_with_cleanup_on_exit_false(box):
+    ensure_installed(box)
+    ip4 = ensure_lan(box)[0]
+    box.sh("echo CLEANUP_ON_EXIT=false >> /etc/default/macvlan-router && "
+           f"systemctl restart {UNIT}")
+    wait_active(box)
+    box_ping(box, ip4)
+    box.sh(f"systemctl stop {UNIT}")
+    assert shim_exists(box) and owned_routes(box), "CLEANUP_ON_EXIT=false: removed on stop"
+    box_ping(box, ip4)
+    box.sh("sed -i '/^CLEANUP_ON_EXIT=/d' /etc/default/macvlan-router && "
+           f"systemctl start {UNIT}")
+    wait_active(box)
+    box_ping(box, ip4)
 
 
 def test_bad_config_fails_clearly_without_restart_loop(box):
