@@ -189,7 +189,9 @@ def rootfs_tarball(log=print):
     if tarball.is_file():
         return tarball, True
     for stale in CACHE_DIR.glob(f"{SUITE}-systemd-*.tar*"):
-        stale.unlink()
+        m = re.search(r"\.(\d+)\.tmp$", stale.name)
+        if not m or not pid_alive(int(m.group(1))):
+            stale.unlink()
     work = CACHE_DIR / f"build-{os.getpid()}"
     mirror = debian_mirror()
     last = None
@@ -207,7 +209,7 @@ def rootfs_tarball(log=print):
         raise E2EError(f"debootstrap failed three times:\n{last}")
     try:
         _prepare_rootfs(work)
-        tmp = tarball.with_suffix(".tmp")
+        tmp = tarball.with_name(tarball.name + f".{os.getpid()}.tmp")
         run(["tar", "-C", work, "--numeric-owner", "-cf", tmp, "."], timeout=600)
         tmp.rename(tarball)
     finally:
@@ -299,6 +301,11 @@ def sweep_stale():
             run(["ip", "netns", "del", name], check=False, timeout=10)
     for d in Path("/tmp").glob(NS_PREFIX + "*"):
         m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)", d.name)
+        if m and d.is_dir() and not pid_alive(int(m.group(1))):
+            _remove_tree(d)
+    # A debootstrap interrupted with its run.
+    for d in CACHE_DIR.glob("build-*"):
+        m = re.fullmatch(r"build-(\d+)", d.name)
         if m and d.is_dir() and not pid_alive(int(m.group(1))):
             _remove_tree(d)
 
