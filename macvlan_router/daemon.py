@@ -5,6 +5,7 @@ on a queue; all the work happens here, in the main thread, so the watchdog ping
 stops whenever that work hangs.
 """
 
+import gc
 import logging
 import queue
 import signal
@@ -182,6 +183,9 @@ class Daemon:
             log.info("ready: %s", status)
             self.notifier.ready(status)
             self.ready = True
+            # What start-up built (imports, pyroute2's compiled message classes) stays
+            # for good: keep it out of the collector's way, so its pauses stay short.
+            gc.freeze()
         else:
             self.notifier.status(status)
 
