@@ -295,9 +295,14 @@ def test_container_reachable_from_host(box):
     routes = box.sh("ip -4 route show; ip -6 route show").stdout
     assert re.search(rf"^{re.escape(ip4)} dev {SHIM} proto macvlan-router", routes, re.M), routes
     assert re.search(rf"^{re.escape(ip6)} dev {SHIM} proto macvlan-router", routes, re.M), routes
-    # arp_filter was set over netlink: /proc/sys is read-only for the service.
+    # arp_filter was set over netlink: /proc/sys is read-only for the service...
     assert box.sh(f"cat /proc/sys/net/ipv4/conf/{SHIM}/arp_filter").stdout.strip() == "1"
+    # ...except /proc/sys/net/ipv6/conf, for accept_ra=0 (a router's advertisements
+    # would give the shim an address and routes of its own).
+    assert box.sh(f"cat /proc/sys/net/ipv6/conf/{SHIM}/accept_ra").stdout.strip() == "0"
     journal = box.journal()
+    assert f"sysctl -w net.ipv6.conf.{SHIM}.accept_ra=0" in journal, journal[-3000:]
+    assert "could not sysctl" not in journal, journal[-3000:]
     assert re.search(r"ip route (add|replace) " + re.escape(ip4), journal), journal[-3000:]
     fields = box.sh(f"journalctl --no-pager -o cat -u {UNIT} MACVLAN_NETWORK=lan",
                     check=False).stdout
