@@ -60,6 +60,8 @@ class Daemon:
         self.monitor.start()
         next_resync = self.clock() + self.config.resync_interval
         while True:
+            if self.reconciler.knows_docker and self.triggers.empty():
+                self.reconciler.warm()
             kinds = self._wait(next_resync)
             self.notifier.watchdog()
             if STOP in kinds:

@@ -58,6 +58,12 @@ class Reconciler:
     def invalidate_host(self):
         self._host = None
 
+    def warm(self):
+        """Read the host now, while idle, if the snapshot is stale (after our own changes),
+        so that the next Docker event costs no netlink dump."""
+        if self._host is None:
+            self._host = self.netlink.read()
+
     @property
     def knows_docker(self):
         return self._all is not None
