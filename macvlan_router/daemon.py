@@ -61,7 +61,7 @@ class Daemon:
         next_resync = self.clock() + self.config.resync_interval
         while True:
             if self.reconciler.knows_docker and self.triggers.empty():
-                self.reconciler.warm()
+                self._warm()
             kinds = self._wait(next_resync)
             self.notifier.watchdog()
             if STOP in kinds:
@@ -102,6 +102,12 @@ class Daemon:
                 self.reconciler.invalidate_host()
         return kinds
 
+    def _warm(self):
+        try:
+            self.reconciler.warm()
+        except Exception as exc:  # noqa: BLE001 - only an optimisation; the reconcile reads again
+            log.debug("could not read the host ahead of time: %s", exc)
+
     def _retry_due(self):
         return self.retry_at is not None and self.clock() >= self.retry_at
 
@@ -125,6 +131,8 @@ class Daemon:
                 self.reconciler.refresh(self.scope)
                 docker_done = self.clock()
                 self.scope.clear()
+                if self.waiting_message:
+                    log.info("connected to Docker at %s", self.docker_url)
                 self.waiting_message = None
                 force = True
             except DockerUnavailable as exc:

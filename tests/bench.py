@@ -41,67 +41,64 @@ with IPRoute() as ipr:
 """
 
 
-class RouteWatch:
+class Stamps:
+    """The first time stamp seen per key, filled by a reader thread; wait() takes one out."""
+
+    def __init__(self):
+        self.seen = {}
+        self.lock = threading.Condition()
+
+    def record(self, key, stamp):
+        with self.lock:
+            self.seen.setdefault(key, stamp)
+            self.lock.notify_all()
+
+    def wait(self, key, timeout=10):
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while key not in self.seen:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"nothing seen for {key} within {timeout}s")
+                self.lock.wait(left)
+            return self.seen.pop(key)
+
+
+class RouteWatch(Stamps):
     """A netlink monitor in T that timestamps our route additions and removals."""
 
     def __init__(self, lab):
+        super().__init__()
         self.proc = subprocess.Popen(
             ["nsenter", f"--net=/run/netns/{lab.T}", sys.executable, "-c", MONITOR],
             stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout.readline().strip() == "ready"
-        self.seen = {}  # (kind, dst) -> first time_ns
-        self.lock = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         for line in self.proc.stdout:
             stamp, kind, dst = line.split()
-            with self.lock:
-                self.seen.setdefault((kind, dst), int(stamp))
-                self.lock.notify_all()
-
-    def wait(self, kind, dst, timeout=10):
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while (kind, dst) not in self.seen:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no route {kind} for {dst} within {timeout}s")
-                self.lock.wait(left)
-            return self.seen.pop((kind, dst))
+            self.record((kind, dst), int(stamp))
 
     def close(self):
         self.proc.kill()
 
 
-class EventWatch:
+class EventWatch(Stamps):
     """Docker's network connect/disconnect events with their timeNano, by container id."""
 
     def __init__(self, client):
+        super().__init__()
         self.stream = client.api.events(decode=True, filters={"type": ["network"]})
-        self.seen = {}
-        self.lock = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         try:
             for event in self.stream:
                 container = event.get("Actor", {}).get("Attributes", {}).get("container")
-                with self.lock:
-                    self.seen[(event.get("Action"), container)] = event["timeNano"]
-                    self.lock.notify_all()
+                self.record((event.get("Action"), container), event["timeNano"])
         except Exception:  # noqa: BLE001 - closed at the end
             pass
-
-    def wait(self, action, container, timeout=10):
-        deadline = time.monotonic() + timeout
-        with self.lock:
-            while (action, container) not in self.seen:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"no {action} event for {container}")
-                self.lock.wait(left)
-            return self.seen.pop((action, container))
 
     def close(self):
         self.stream.close()
@@ -145,11 +142,11 @@ def sequential(lab, client, network, routes, events, count):
     for i in range(count):
         container = run_container(client, network, f"seq{i}")
         ip = container_ip(client, container.id, network)
-        added = routes.wait("add", ip)
-        connect.append((added - events.wait("connect", container.id)) / 1e6)
+        added = routes.wait(("add", ip))
+        connect.append((added - events.wait(("connect", container.id))) / 1e6)
         container.remove(force=True)
-        gone = routes.wait("del", ip)
-        disconnect.append((gone - events.wait("disconnect", container.id)) / 1e6)
+        gone = routes.wait(("del", ip))
+        disconnect.append((gone - events.wait(("disconnect", container.id))) / 1e6)
     show(f"connect event -> route present ({count} containers, one at a time)", connect)
     show(f"disconnect event -> route gone ({count} containers, one at a time)", disconnect)
 
@@ -162,9 +159,9 @@ def burst(lab, client, network, routes, events, count):
                for i in range(count)]
     with ThreadPoolExecutor(max_workers=16) as pool:
         list(pool.map(client.api.start, created))
-    last_connect = max(events.wait("connect", cid, timeout=60) for cid in created)
+    last_connect = max(events.wait(("connect", cid), timeout=60) for cid in created)
     ips = [container_ip(client, cid, network) for cid in created]
-    last_route = max(routes.wait("add", ip, timeout=60) for ip in ips)
+    last_route = max(routes.wait(("add", ip), timeout=60) for ip in ips)
     print(f"{count} containers started at once: last connect event -> all {count} routes "
           f"present: {max(0, last_route - last_connect) / 1e6:.1f} ms", flush=True)
     return created
