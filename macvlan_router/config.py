@@ -87,7 +87,8 @@ def parse_environment_file(text, source):
         if not stripped or stripped[0] in "#;":
             continue
         key, sep, raw = stripped.partition("=")
-        key = key.strip()
+        # Shell-style files often say "export KEY=value"; the meaning is the same.
+        key = key.strip().removeprefix("export ").strip()
         if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
             raise ConfigError(
                 f"{source}, line {first}: {stripped!r} is not a KEY=value line; "

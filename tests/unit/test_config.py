@@ -42,6 +42,11 @@ RESYNC_INTERVAL=30
     assert cfg.resync_interval == 30
 
 
+def test_shell_export_prefix_is_accepted(tmp_path):
+    cfg = load_text(tmp_path, "export MACVLAN_DOCKER_NETWORK=lan\n")
+    assert [s.text for s in cfg.networks] == ["lan"]
+
+
 def test_double_quotes_unescape(tmp_path):
     cfg = load_text(tmp_path, 'MACVLAN_BRIDGE_INTERFACE_NAME="mvr\\-x"\n')
     assert cfg.interface_names == ((None, "mvr-x"),)
