@@ -93,18 +93,19 @@ def run(cmd, netns=None, check=True, timeout=60, input=None, env=None):
     return p
 
 
-def wait_until(cond, timeout=10.0, interval=0.05, desc=None):
+def wait_until(cond, timeout=10.0, interval=0.05, desc=None,
+               errors=(LabError, OSError, subprocess.SubprocessError)):
     """Poll cond() until it returns something truthy; return that value.
 
     Bounded in time (timeout) and in iterations. Raises AssertionError naming what was
-    awaited and the last value seen (or the last exception raised by cond)."""
+    awaited and the last value seen (or the last of `errors` raised by cond)."""
     deadline = time.monotonic() + timeout
     max_iter = int(timeout / max(interval, 0.001)) * 4 + 20
     last = None
     for _ in range(max_iter):
         try:
             last = cond()
-        except (LabError, OSError, subprocess.SubprocessError) as e:
+        except errors as e:
             last = e
         else:
             if last:
@@ -168,7 +169,7 @@ def prereq_problem():
     return None
 
 
-def _pid_alive(pid):
+def pid_alive(pid):
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -204,33 +205,33 @@ def _unmount_all_under(path):
     return not _mounts_under(path)
 
 
-def _remove_tree(path):
+def remove_tree(path):
     """rm -rf path, but never across a mount point."""
     if not os.path.exists(path):
         return
     if not _unmount_all_under(path):
-        print(f"lab: mounts remain under {path}; not removing it", file=sys.stderr)
+        print(f"mounts remain under {path}; not removing it", file=sys.stderr)
         return
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _netns_pids(ns):
+def netns_pids(ns):
     p = run(["ip", "netns", "pids", ns], check=False, timeout=10)
     return [int(x) for x in p.stdout.split() if x.isdigit()]
 
 
-def _kill_netns_processes(ns, grace=5.0):
+def kill_netns_processes(ns, grace=5.0):
     """End the processes living in namespace ns (all started by this lab), by pid."""
-    pids = _netns_pids(ns)
+    pids = netns_pids(ns)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for _ in range(int(grace / 0.05) + 5):
-        if not any(_pid_alive(p) for p in pids) or time.monotonic() > deadline:
+        if not any(pid_alive(p) for p in pids) or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    for pid in _netns_pids(ns):
+    for pid in netns_pids(ns):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
@@ -241,14 +242,14 @@ def sweep_stale_labs():
     for line in p.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)-[TP]", name)
-        if m and not _pid_alive(int(m.group(1))):
-            _kill_netns_processes(name, grace=3)
+        if m and not pid_alive(int(m.group(1))):
+            kill_netns_processes(name, grace=3)
             run(["ip", "netns", "del", name], check=False, timeout=10)
     tmp = Path(tempfile.gettempdir())
     for d in tmp.glob(NS_PREFIX + "*"):
         m = re.match(re.escape(NS_PREFIX) + r"(\d+)-", d.name)
-        if m and d.is_dir() and not _pid_alive(int(m.group(1))):
-            _remove_tree(str(d))
+        if m and d.is_dir() and not pid_alive(int(m.group(1))):
+            remove_tree(str(d))
 
 
 # --------------------------------------------------------------------------- config files
@@ -322,9 +323,9 @@ class Lab:
         if self.engine:
             self.engine.stop(quiet=True)
         for ns in (self.T, self.P):
-            _kill_netns_processes(ns, grace=5)
+            kill_netns_processes(ns, grace=5)
             run(["ip", "netns", "del", ns], check=False, timeout=10)
-        _remove_tree(str(self.dir))
+        remove_tree(str(self.dir))
 
     def reset(self):
         """Bring T back to its baseline after a test: no daemon, no links but lo/lan0/lan1

@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO_ROOT / "tests"))
+import lab  # noqa: E402  (the integration lab's process and tree helpers)
 DEBIAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 DOCKER_CLI = "/usr/bin/docker"        # Debian's client, matching Debian's dockerd
 DOCKERD = "/usr/sbin/dockerd"
@@ -73,32 +75,9 @@ def debian_env(**extra):
 
 
 def wait_until(cond, timeout, interval=0.5, desc=None):
-    """Poll cond() until truthy and return its value; bounded in time and iterations."""
-    deadline = time.monotonic() + timeout
-    last = None
-    for _ in range(int(timeout / interval) + 10):
-        try:
-            last = cond()
-        except (E2EError, OSError, subprocess.SubprocessError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for "
-                         f"{desc or getattr(cond, '__name__', 'condition')}; last: {last!r}")
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """lab.wait_until, with this module's errors counted as "not yet"."""
+    return lab.wait_until(cond, timeout, interval, desc,
+                          errors=(E2EError, OSError, subprocess.SubprocessError))
 
 
 # --------------------------------------------------------------------------- host tools
@@ -190,13 +169,13 @@ def rootfs_tarball(log=print):
         return tarball, True
     for stale in CACHE_DIR.glob(f"{SUITE}-systemd-*.tar*"):
         m = re.search(r"\.(\d+)\.tmp$", stale.name)
-        if not m or not pid_alive(int(m.group(1))):
+        if not m or not lab.pid_alive(int(m.group(1))):
             stale.unlink()
     work = CACHE_DIR / f"build-{os.getpid()}"
     mirror = debian_mirror()
     last = None
     for attempt in range(1, 4):
-        _remove_tree(work)
+        lab.remove_tree(work)
         log(f"debootstrap {SUITE} from {mirror} (attempt {attempt})")
         p = run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
                  SUITE, work, mirror], check=False, timeout=1500, env=debian_env())
@@ -205,7 +184,7 @@ def rootfs_tarball(log=print):
         last = p.stdout[-2000:] + p.stderr[-2000:]
         time.sleep(5 * attempt)
     else:
-        _remove_tree(work)
+        lab.remove_tree(work)
         raise E2EError(f"debootstrap failed three times:\n{last}")
     try:
         _prepare_rootfs(work)
@@ -213,7 +192,7 @@ def rootfs_tarball(log=print):
         run(["tar", "-C", work, "--numeric-owner", "-cf", tmp, "."], timeout=600)
         tmp.rename(tarball)
     finally:
-        _remove_tree(work)
+        lab.remove_tree(work)
     return tarball, False
 
 
@@ -242,72 +221,24 @@ def _prepare_rootfs(root):
 
 # --------------------------------------------------------------------------- cleanup helpers
 
-def _mounts_under(path):
-    path = os.path.realpath(path)
-    out = []
-    with contextlib.suppress(OSError), open("/proc/self/mountinfo") as f:
-        for line in f:
-            mp = line.split()[4].replace("\\040", " ")
-            if mp == path or mp.startswith(path + "/"):
-                out.append(mp)
-    return sorted(set(out), key=lambda m: m.count("/"), reverse=True)
-
-
-def _remove_tree(path):
-    """rm -rf path, never across a mount point (unmounting what is below it first)."""
-    path = str(path)
-    if not os.path.lexists(path):
-        return
-    for _ in range(5):
-        mounts = _mounts_under(path)
-        if not mounts:
-            break
-        for mp in mounts:
-            if subprocess.run(["umount", mp], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", mp], capture_output=True)
-    if _mounts_under(path):
-        print(f"e2e: mounts remain under {path}; not removing it", file=sys.stderr)
-        return
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def _netns_pids(ns):
-    p = run(["ip", "netns", "pids", ns], check=False, timeout=10)
-    return [int(x) for x in p.stdout.split() if x.isdigit()]
-
-
-def _kill_pids(pids, grace):
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for _ in range(int(grace / 0.1) + 5):
-        if not any(pid_alive(p) for p in pids) or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
 def sweep_stale():
     """Remove namespaces, engines and directories left by e2e runs whose process is gone."""
     p = run(["ip", "netns", "list"], check=False, timeout=10)
     for line in p.stdout.splitlines():
         name = (line.split() or [""])[0]
         m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)", name)
-        if m and not pid_alive(int(m.group(1))):
-            _kill_pids(_netns_pids(name), grace=15)
+        if m and not lab.pid_alive(int(m.group(1))):
+            lab.kill_netns_processes(name, grace=15)
             run(["ip", "netns", "del", name], check=False, timeout=10)
     for d in Path("/tmp").glob(NS_PREFIX + "*"):
         m = re.fullmatch(re.escape(NS_PREFIX) + r"(\d+)", d.name)
-        if m and d.is_dir() and not pid_alive(int(m.group(1))):
-            _remove_tree(d)
+        if m and d.is_dir() and not lab.pid_alive(int(m.group(1))):
+            lab.remove_tree(d)
     # A debootstrap interrupted with its run.
     for d in CACHE_DIR.glob("build-*"):
         m = re.fullmatch(r"build-(\d+)", d.name)
-        if m and d.is_dir() and not pid_alive(int(m.group(1))):
-            _remove_tree(d)
+        if m and d.is_dir() and not lab.pid_alive(int(m.group(1))):
+            lab.remove_tree(d)
 
 
 # --------------------------------------------------------------------------- the outer engine
@@ -364,9 +295,9 @@ class OuterDocker:
         if self.log:
             self.log.close()
         # containerd and shims started by this engine live in our namespace only.
-        _kill_pids(_netns_pids(self.name), grace=10)
+        lab.kill_netns_processes(self.name, grace=10)
         run(["ip", "netns", "del", self.name], check=False, timeout=10)
-        _remove_tree(self.dir)
+        lab.remove_tree(self.dir)
 
 
 # --------------------------------------------------------------------------- the systemd box
