@@ -6,7 +6,7 @@ carrying our alias and routes carrying our protocol number.
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import ClassVar, Optional, Tuple
 
 from .desired import stable_mac
 from .model import LINK_ALIAS, ROUTE_PROTO_NAME, Problem
@@ -28,53 +28,46 @@ class LinkAdd:
 
 
 @dataclass(frozen=True)
-class LinkDel:
+class _OnLink:
+    """An action on one of our links; `template` is the command it equals."""
+
     name: str
+    template: ClassVar[str] = ""
 
     def command(self):
-        return f"ip link del {self.name}"
+        return self.template.format(self=self)
 
 
 @dataclass(frozen=True)
-class LinkUp:
-    name: str
-
-    def command(self):
-        return f"ip link set {self.name} up"
+class LinkDel(_OnLink):
+    template: ClassVar[str] = "ip link del {self.name}"
 
 
 @dataclass(frozen=True)
-class ArpFilter:
-    name: str
-
-    def command(self):
-        return f"sysctl -w net.ipv4.conf.{self.name}.arp_filter=1"
+class LinkUp(_OnLink):
+    template: ClassVar[str] = "ip link set {self.name} up"
 
 
 @dataclass(frozen=True)
-class RefuseRouterAdvertisements:
-    name: str
-
-    def command(self):
-        return f"sysctl -w net.ipv6.conf.{self.name}.accept_ra=0"
+class ArpFilter(_OnLink):
+    template: ClassVar[str] = "sysctl -w net.ipv4.conf.{self.name}.arp_filter=1"
 
 
 @dataclass(frozen=True)
-class AddrAdd:
-    name: str
+class RefuseRouterAdvertisements(_OnLink):
+    template: ClassVar[str] = "sysctl -w net.ipv6.conf.{self.name}.accept_ra=0"
+
+
+@dataclass(frozen=True)
+class AddrAdd(_OnLink):
     interface: ipaddress._BaseAddress
-
-    def command(self):
-        return f"ip address add {self.interface} dev {self.name} noprefixroute"
+    template: ClassVar[str] = "ip address add {self.interface} dev {self.name} noprefixroute"
 
 
 @dataclass(frozen=True)
-class AddrDel:
-    name: str
+class AddrDel(_OnLink):
     interface: ipaddress._BaseAddress
-
-    def command(self):
-        return f"ip address del {self.interface} dev {self.name}"
+    template: ClassVar[str] = "ip address del {self.interface} dev {self.name}"
 
 
 def _route_words(dst, shim, scope, src=None):
