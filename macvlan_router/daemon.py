@@ -14,7 +14,7 @@ import time
 from . import config as config_mod
 from . import log as log_mod
 from .docker_source import REFRESH_ALL, EventWatcher
-from .errors import EX_CONFIG, EX_OK, ConfigError, DockerUnavailable, PermissionDenied
+from .errors import EX_CONFIG, EX_OK, ConfigError, PermissionDenied
 from .netlink import Monitor
 from .reconcile import cleanup
 
@@ -42,6 +42,7 @@ class Daemon:
         self.docker_up = False
         self.waiting_message = None
         self.last_problems = ()
+        self.status_text = "starting"
         self.scope = set()
         self.retry_delay = 1.0
         self.retry_at = None
@@ -66,8 +67,8 @@ class Daemon:
             self.notifier.watchdog()
             if STOP in kinds:
                 return self._stop()
-            if RELOAD in kinds:
-                self._reload()
+            if RELOAD in kinds and self._reload():
+                next_resync = self.clock() + self.config.resync_interval
             if self.clock() >= next_resync:
                 self.scope.add(REFRESH_ALL)
                 self.reconciler.invalidate_host()
@@ -76,6 +77,9 @@ class Daemon:
             status = self._cycle(force=due)
             if status is not None:
                 return status
+            if RELOAD in kinds:
+                # After the reconcile, so that `systemctl reload` returns on the new state.
+                self.notifier.ready(self.status_text)
 
     def _wait(self, next_resync):
         """Block for the next trigger, then take every trigger already queued (coalescing)."""
@@ -115,7 +119,7 @@ class Daemon:
         if self.docker_up or self.waiting_message is None:
             log.warning("%s; waiting for it (routes stay as they are)", message)
         self.docker_up = False
-        self.waiting_message = f"waiting for Docker at {self.docker_url}"
+        self.status_text = self.waiting_message = f"waiting for Docker at {self.docker_url}"
         if not self.ready:
             # systemctl start must not hang while Docker is away: ready, but say so.
             self.notifier.ready(self.waiting_message)
@@ -129,14 +133,19 @@ class Daemon:
         if self.scope and self.docker_up:
             try:
                 self.reconciler.refresh(self.scope)
+            except Exception as exc:  # noqa: BLE001 - Docker said something odd: try again
+                # The event stream decides whether Docker is gone; a failed call on a live
+                # stream (a timeout, an HTTP 500, an odd answer) is retried with backoff.
+                log.warning("reading networks from Docker failed, retrying in %.0f s: %s",
+                            self.retry_delay, exc)
+                self._schedule_retry()
+            else:
                 docker_done = self.clock()
                 self.scope.clear()
                 if self.waiting_message:
                     log.info("connected to Docker at %s", self.docker_url)
                 self.waiting_message = None
                 force = True
-            except DockerUnavailable as exc:
-                self._docker_lost(str(exc))
         if not force or not self.reconciler.knows_docker:
             return None
         try:
@@ -146,9 +155,6 @@ class Daemon:
                 if outcome.errors:
                     return self._refuse_to_start(outcome)
             self.reconciler.apply(outcome)
-        except DockerUnavailable as exc:
-            self._docker_lost(str(exc))
-            return None
         except PermissionDenied:
             raise
         except Exception as exc:  # noqa: BLE001 - the daemon must outlive a bad cycle
@@ -188,7 +194,7 @@ class Daemon:
                     log.log(level, "%s", problem.message,
                             extra=log_mod.fields(network=problem.network))
             self.last_problems = outcome.problems
-        status = self.waiting_message or outcome.summary()
+        self.status_text = status = self.waiting_message or outcome.summary()
         if not self.ready:
             log.info("ready: %s", status)
             self.notifier.ready(status)
@@ -200,20 +206,21 @@ class Daemon:
             self.notifier.status(status)
 
     def _reload(self):
+        """Re-read the configuration; True when the new one was taken."""
         self.notifier.reloading()
         try:
             new = config_mod.load(self.config_path)
         except ConfigError as exc:
             log.error("reload: %s; keeping the previous configuration", exc)
-        else:
-            if new.docker_host != self.config.docker_host:
-                log.warning("reload: DOCKER_HOST changes only on restart "
-                            "(systemctl restart macvlan-router)")
-            self.reconciler.config = new
-            log_mod.set_level(new.log_level)
-            self.scope.add(REFRESH_ALL)
-            log.info("reloaded %s", self.config_path)
-        self.notifier.ready(self.waiting_message or "reloaded")
+            return False
+        if new.docker_host != self.config.docker_host:
+            log.warning("reload: DOCKER_HOST changes only on restart "
+                        "(systemctl restart macvlan-router)")
+        self.reconciler.config = new
+        log_mod.set_level(new.log_level)
+        self.scope.add(REFRESH_ALL)
+        log.info("reloaded %s", self.config_path)
+        return True
 
     def _stop(self):
         self.notifier.stopping()

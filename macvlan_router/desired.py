@@ -13,7 +13,6 @@ from .model import LINK_ALIAS, Desired, ManagedNetwork, Problem, RouteSpec, Shim
 
 COMPOSE_NETWORK_LABEL = "com.docker.compose.network"
 SHIM_PREFIX = "mvr-"
-SELECT_ALL = "every macvlan network"
 
 
 def select_networks(selectors, networks):
@@ -109,7 +108,7 @@ def compute(config, networks, host):
             by_parent[network.parent].append(network)
         else:
             managed.append(ManagedNetwork(network, None))
-    names = _shim_names(config, sorted(by_parent), problems)
+    names = _shim_names(config, sorted(by_parent), host, problems)
 
     for parent in sorted(by_parent):
         members = by_parent[parent]
@@ -117,11 +116,14 @@ def compute(config, networks, host):
         parent_link = host.link(parent)
         if name is None or parent_link is None:
             if name is not None:
+                # Named in the configuration: a mistake to fix. Found by "every macvlan
+                # network": a stale network, which must not stop the others.
                 for network in members:
                     problems.append(Problem(
                         f"network {network.name}: its parent interface {parent} does not "
                         f"exist on this host; create {parent} or recreate the network with "
-                        "-o parent=<an existing interface>", network.name))
+                        "-o parent=<an existing interface>", network.name,
+                        kind="error" if config.networks else "warning"))
             managed.extend(ManagedNetwork(n, None) for n in members)
             continue
         if not parent_link.up:
@@ -141,7 +143,7 @@ def compute(config, networks, host):
             for endpoint in network.endpoints:
                 for address in (endpoint.ipv4, endpoint.ipv6):
                     if address is not None:
-                        _route_endpoint(network, endpoint, address, sources, name,
+                        _route_endpoint(config, network, endpoint, address, sources, name,
                                         host_ips, routes, problems)
         if shim_addresses:
             shims[name] = ShimSpec(name=name, parent=parent,
@@ -161,20 +163,32 @@ def _host_ips(host):
     return {a.ip: a.ifname for a in host.addresses if a.ifname not in ours}
 
 
-def _shim_names(config, parents, problems):
+def _shim_names(config, parents, host, problems):
+    """The shim name per parent; two parents never share one."""
     explicit = dict(config.interface_names)
-    names = {}
-    if None in explicit:
+    names = {parent: explicit.get(parent) or default_shim_name(parent) for parent in parents}
+    single = explicit.get(None)
+    if single and parents:
+        # One name for several parents: it stays where it already is (or goes to the
+        # first parent), so a new network on another parent never takes it away.
+        current = host.link(single)
+        holder = current and host.link_name(current.parent_index)
+        owner = holder if holder in parents else parents[0]
+        names[owner] = single
         if len(parents) > 1:
             problems.append(Problem(
-                f"MACVLAN_BRIDGE_INTERFACE_NAME={explicit[None]} names one shim, but the "
-                f"managed networks use {len(parents)} parents ({', '.join(parents)}); "
-                "write PARENT=NAME for each, e.g. "
-                + " ".join(f"{p}={default_shim_name(p)}" for p in parents)))
-            return {}
-        return {parent: explicit[None] for parent in parents}
+                f"MACVLAN_BRIDGE_INTERFACE_NAME={single} names one shim, but the managed "
+                f"networks use {len(parents)} parents ({', '.join(parents)}); {single} serves "
+                f"{owner}, the others get default names. Write PARENT=NAME for each, e.g. "
+                + " ".join(f"{p}={names[p]}" for p in parents), kind="warning"))
+    taken = {}
     for parent in parents:
-        names[parent] = explicit.get(parent) or default_shim_name(parent)
+        other = taken.setdefault(names[parent], parent)
+        if other != parent:
+            problems.append(Problem(
+                f"parents {other} and {parent} would both get the shim name {names[parent]}; "
+                "give each its own with MACVLAN_BRIDGE_INTERFACE_NAME=PARENT=NAME pairs"))
+            names[parent] = None
     return names
 
 
@@ -230,7 +244,8 @@ def _checked(address, key, network, problems):
     return address
 
 
-def _route_endpoint(network, endpoint, address, sources, shim, host_ips, routes, problems):
+def _route_endpoint(config, network, endpoint, address, sources, shim, host_ips, routes,
+                    problems):
     subnet = next((s for s in sources if address in s), None)
     if subnet is None:
         return  # No shim address for that subnet: already reported.
@@ -242,10 +257,13 @@ def _route_endpoint(network, endpoint, address, sources, shim, host_ips, routes,
                          f", or set MACVLAN_BRIDGE_IP{six} to another free address")
                         if address == source else
                         (f"the host's own address on {host_ips[address]}", ""))
+        # Only an address the configuration chose is the user's mistake; Docker handing
+        # out the host's address costs that one container its route, nothing more.
+        chosen = address in config.bridge_ips or address in config.bridge_ip6s
         problems.append(Problem(
             f"{who} holds {address}, {owner}; that container is not routed. Keep Docker "
             f"off it (docker network create ... --aux-address host={address}){other}",
-            network.name))
+            network.name, kind="error" if chosen else "warning"))
         return
     dst = ipaddress.ip_network(address)
     if dst in routes:

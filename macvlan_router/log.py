@@ -12,7 +12,7 @@ def setup(level="info", daemon=False):
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = _journal_handler() if os.environ.get("JOURNAL_STREAM") else None
+    handler = _journal_handler() if _stderr_is_journal() else None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)s %(message)s" if daemon else "%(levelname)s: %(message)s"
@@ -26,6 +26,17 @@ def set_level(level):
     # Library chatter (urllib3 connection logs, pyroute2 internals) is not for users.
     for noisy in ("urllib3", "docker", "pyroute2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _stderr_is_journal():
+    """systemd sets JOURNAL_STREAM=dev:inode of the stream it connected; a shell started
+    from a user service inherits the variable but has a terminal as stderr."""
+    try:
+        device, inode = (int(x) for x in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        stat = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (stat.st_dev, stat.st_ino) == (device, inode)
 
 
 def _journal_handler():

@@ -11,7 +11,7 @@ import time
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_NEWADDR,
                                    RTM_NEWLINK, RTM_NEWROUTE, RTM_SETLINK)
 
@@ -26,6 +26,7 @@ IFF_LOWER_UP = 0x10000
 IFA_F_NOPREFIXROUTE = 0x200
 IFA_F_TENTATIVE = 0x40
 IFA_F_DADFAILED = 0x08
+DUMP_ATTEMPTS = 5
 MACHINE_ID_PATHS = ("/etc/machine-id", "/var/lib/dbus/machine-id")
 RTMGRP_LINK = 0x1
 RTMGRP_IPV4_IFADDR = 0x10
@@ -78,6 +79,8 @@ def refuse_router_advertisements(name):
     route and a default route, all of which vanish with the shim. There is no
     netlink way to set it, so this one goes through /proc/sys.
     """
+    if not os.path.isdir("/proc/sys/net/ipv6"):
+        return  # IPv6 is off (ipv6.disable=1): no advertisements to refuse.
     with open(f"/proc/sys/net/ipv6/conf/{name}/accept_ra", "w", encoding="ascii") as handle:
         handle.write("0")
 
@@ -113,12 +116,24 @@ class Netlink:
 
     def __init__(self, machine_id=None):
         self.ipr = IPRoute()
+        self._relinked = set()
         self.machine_id = read_machine_id() if machine_id is None else machine_id
 
     def close(self):
         self.ipr.close()
 
     def read(self):
+        """The whole namespace; a dump that raced with a change (NLM_F_DUMP_INTR, which
+        pyroute2 0.7 raises) is simply taken again."""
+        for attempt in range(DUMP_ATTEMPTS):
+            try:
+                return self._read()
+            except NetlinkDumpInterrupted:
+                if attempt == DUMP_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _read(self):
         links = tuple(self._link(msg) for msg in self.ipr.get_links())
         names = {link.index: link.name for link in links}
         addresses = []
@@ -161,7 +176,8 @@ class Netlink:
     @staticmethod
     def _route(msg, names):
         table = msg.get_attr("RTA_TABLE") or msg["table"]
-        if table != MAIN_TABLE or msg["type"] != 1:  # RTN_UNICAST only
+        # Every type counts (a blackhole or prohibit route someone set is theirs to keep).
+        if table != MAIN_TABLE:
             return None
         family = msg["family"]
         dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
@@ -175,7 +191,7 @@ class Netlink:
             priority=msg.get_attr("RTA_PRIORITY") or 0)
 
     def index(self, name, host):
-        link = host.link(name)
+        link = None if name in self._relinked else host.link(name)
         if link is not None:
             return link.index
         found = self.ipr.link_lookup(ifname=name)
@@ -190,6 +206,8 @@ class Netlink:
         A failure is logged and the rest goes on: the next reconcile retries.
         """
         failed = 0
+        # Links deleted or created here: `host` has stale indexes for those names.
+        self._relinked = set()
         for action in plan_actions:
             fields, reason = why(action)
             try:
@@ -206,12 +224,19 @@ class Netlink:
                 log.error("failed: %s: %s", action.command(), _reason(exc), extra=fields)
                 continue
             except OSError as exc:
-                # Only the /proc/sys write raises this: read-only where the service is
-                # hardened or in a container. Worth a warning, not a retry loop.
+                if not isinstance(action, actions.RefuseRouterAdvertisements):
+                    failed += 1
+                    log.error("failed: %s: %s", action.command(), exc, extra=fields)
+                    continue
+                # /proc/sys is read-only (a container, a unit without the ReadWritePaths=
+                # the package ships): worth a warning, not a retry loop.
                 log.warning("could not %s (%s): if the LAN announces IPv6 routers, the shim "
                             "may get an address and routes of its own", action.command(),
                             exc.strerror, extra=fields)
                 continue
+            finally:
+                if isinstance(action, (actions.LinkAdd, actions.LinkDel)):
+                    self._relinked.add(action.name)
             log.info("%s%s", action.command(), reason, extra=fields)
         return failed
 
@@ -268,7 +293,7 @@ class Monitor:
     """Calls `on_change()` when something we care about changes in this namespace.
 
     `watched()` returns (names, indexes) of the links that matter: our shims and the
-    parents of managed networks; empty before the first reconcile, meaning "all".
+    parents of managed networks; None before the first reconcile, meaning "all".
     Container interfaces come and go on every `docker run` and are ignored, and so
     are our own route additions. Over-reporting is harmless (the reconcile finds
     nothing to do) but costs a netlink dump.
@@ -277,7 +302,7 @@ class Monitor:
     GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
               | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
 
-    def __init__(self, on_change, watched=lambda: ((), ())):
+    def __init__(self, on_change, watched=lambda: None):
         self.on_change = on_change
         self.watched = watched
         # index -> what we last saw of a link, so that the RTM_NEWLINK a parent gets
@@ -308,20 +333,26 @@ class Monitor:
 
     def _relevant(self, msg):
         kind = msg["header"]["type"]
-        names, indexes = self.watched()
+        watched = self.watched()
+        names, indexes = watched or ((), ())
         if kind in (RTM_NEWLINK, RTM_DELLINK):
             name = msg.get_attr("IFLA_IFNAME")
-            if names and name not in names:
+            if watched is not None and name not in names:
+                self._links.pop(msg["index"], None)
                 return False
-            seen = None if kind == RTM_DELLINK else (
-                name, msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_LINK"),
-                msg.get_attr("IFLA_IFALIAS"), msg.get_attr("IFLA_ADDRESS"))
-            changed = seen is None or self._links.get(msg["index"]) != seen
+            if kind == RTM_DELLINK:
+                self._links.pop(msg["index"], None)
+                return True
+            seen = (name, msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_LINK"),
+                    msg.get_attr("IFLA_IFALIAS"), msg.get_attr("IFLA_ADDRESS"))
+            changed = self._links.get(msg["index"]) != seen
             self._links[msg["index"]] = seen
             return changed
         if kind in (RTM_NEWADDR, RTM_DELADDR):
-            return not indexes or msg["index"] in indexes
+            return watched is None or msg["index"] in indexes
         if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            if (msg.get_attr("RTA_TABLE") or msg["table"]) != MAIN_TABLE:
+                return False  # the kernel's local and broadcast routes, for one
             ours = msg["proto"] == ROUTE_PROTO
             host_route = msg["dst_len"] == (32 if msg["family"] == socket.AF_INET else 128)
             # Ours deleted: repair. A foreign host route may now block or free one of ours.

@@ -53,7 +53,10 @@ class Reconciler:
         # The host as last read. Netlink tells the daemon when it changes
         # (invalidate_host); keeping it saves a full dump on every Docker event.
         self._host = None
-        self.watched = ((), ())
+        # (names, indexes) of the links whose changes matter, for the netlink monitor;
+        # None until the first reconcile: then everything matters.
+        self.watched = None
+        self._watched_names = frozenset()
 
     def invalidate_host(self):
         self._host = None
@@ -63,6 +66,12 @@ class Reconciler:
         so that the next Docker event costs no netlink dump."""
         if self._host is None:
             self._host = self.netlink.read()
+            self._watch(self._host)
+
+    def _watch(self, host):
+        # Indexes from the latest read: a shim created by the last apply has one now.
+        self.watched = (self._watched_names, frozenset(
+            link.index for link in host.links if link.name in self._watched_names))
 
     @property
     def knows_docker(self):
@@ -105,12 +114,10 @@ class Reconciler:
         host = outcome.host
         outcome.failed = self.netlink.apply(outcome.plan.actions, host, explain)
         self._host = None if outcome.plan.actions else host
-        names = set(outcome.desired.shims) | set(plan_mod.owned_shims(host)) | {
-            m.network.parent for m in outcome.desired.networks if m.network.parent}
-        # Shims created just now have no index yet: their address events are covered by
-        # the link events, which trigger a fresh read that brings the index in.
-        self.watched = (frozenset(names), frozenset(
-            link.index for link in host.links if link.name in names))
+        self._watched_names = frozenset(
+            set(outcome.desired.shims) | set(plan_mod.owned_shims(host))
+            | {m.network.parent for m in outcome.desired.networks if m.network.parent})
+        self._watch(host)
 
 
 def cleanup(netlink):

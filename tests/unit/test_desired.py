@@ -51,8 +51,17 @@ def test_container_holding_the_host_address_is_not_routed():
     lan = network(endpoints=[endpoint("thief", "198.51.100.2"), endpoint("ok", "198.51.100.130")])
     result = compute(networks=[lan])
     assert set(result.routes) == {net("198.51.100.130/32")}
-    (message,) = errors(result)
-    assert "thief" in message and "198.51.100.2" in message and "--aux-address" in message
+    (problem,) = result.problems
+    assert problem.kind == "warning", "Docker's doing: costs that container its route only"
+    assert "thief" in problem.message and "198.51.100.2" in problem.message
+    assert "--aux-address" in problem.message
+
+
+def test_container_holding_the_configured_shim_address_is_an_error():
+    lan = network(endpoints=[endpoint("thief", "198.51.100.60")])
+    result = compute(Config(bridge_ips=(ip("198.51.100.60"),)), [lan])
+    assert not result.routes
+    assert any("thief" in m and "MACVLAN_BRIDGE_IP" in m for m in errors(result))
 
 
 def test_ipv6_gets_a_stable_generated_address_never_the_hosts():
@@ -105,20 +114,37 @@ def test_long_parent_names_give_valid_stable_shim_names():
     assert desired.default_shim_name("eth0") == "mvr-eth0"
 
 
-def test_one_interface_name_for_two_parents_is_a_problem():
+def test_one_interface_name_for_two_parents_keeps_it_where_it_is():
     lan = network("lan", "eth0")
     iot = network("iot", "eth1", ("203.0.113.0/24",))
-    h = host(links=("eth0", "eth1"),
+    h = host(links=("eth0", "eth1"), shims=(("shim0", "eth1"),),
              addresses=(("eth0", "198.51.100.2/24"), ("eth1", "203.0.113.2/24")))
     result = compute(Config(interface_names=((None, "shim0"),)), [lan, iot], h)
-    assert any("PARENT=NAME" in m for m in errors(result))
+    assert set(result.shims) == {"shim0", "mvr-eth0"}
+    assert result.shims["shim0"].parent == "eth1"
+    assert [p.kind for p in result.problems] == ["warning"]
+    assert "eth0=mvr-eth0 eth1=shim0" in result.problems[0].message
 
 
-def test_missing_parent_is_reported():
-    result = compute(networks=[network(parent="eth9")])
-    (message,) = errors(result)
+def test_two_parents_never_share_a_shim_name():
+    lan = network("lan", "eth0")
+    iot = network("iot", "eth0.10", ("203.0.113.0/24",))
+    h = host(links=("eth0", "eth0.10"),
+             addresses=(("eth0", "198.51.100.2/24"), ("eth0.10", "203.0.113.2/24")))
+    result = compute(Config(interface_names=(("eth0.10", "mvr-eth0"),)), [lan, iot], h)
+    assert any("would both get the shim name mvr-eth0" in m for m in errors(result))
+    assert len(result.shims) == 1
+
+
+def test_missing_parent_is_an_error_when_named_a_warning_when_found():
+    named = compute(Config(networks=(Selector("lan"),)), [network(parent="eth9")])
+    (message,) = errors(named)
     assert "eth9" in message and "does not exist" in message
-    assert not result.shims
+    assert not named.shims
+    found = compute(networks=[network(parent="eth9"), network("ok", endpoints=[
+        endpoint("web", "198.51.100.130")])])
+    assert not errors(found) and [p.kind for p in found.problems] == ["warning"]
+    assert net("198.51.100.130/32") in found.routes
 
 
 def test_parent_down_is_waiting_not_error():
