@@ -74,9 +74,7 @@ def cmd_check(args, config):
 def status_report(host, outcome, url, docker_error):
     from .plan import owned_shims
     shims = owned_shims(host)
-    owners = {}
-    if outcome is not None:
-        owners = {dst: spec for dst, spec in outcome.desired.routes.items()}
+    owners = outcome.desired.routes if outcome is not None else {}
     report = {
         "docker": {"host": url, "reachable": docker_error is None, "error": docker_error},
         "shims": [{
