@@ -152,15 +152,12 @@ def print_status(report):
 
 
 def cmd_cleanup(args, config):
+    """Needs no valid configuration (`config` may be None): only CLEANUP_ON_EXIT, read on
+    its own, and only with --if-enabled."""
+    from . import lifecycle
     from .netlink import Netlink
-    from .reconcile import cleanup
-    if args.if_enabled and not config.cleanup_on_exit:
-        log.info("CLEANUP_ON_EXIT=false: leaving the shims and routes in place")
-        return EX_OK
-    netlink = Netlink()
-    failed, count = cleanup(netlink)
-    if not count:
-        log.info("nothing to remove")
+    enabled = not args.if_enabled or config_mod.read_cleanup_on_exit(args.config)
+    failed = lifecycle.leave(Netlink(), enabled, args.unit)
     return EX_FAILURE if failed else EX_OK
 
 
@@ -186,6 +183,10 @@ def parser():
     cleanup = command("cleanup", cmd_cleanup, "remove every link and route macvlan-router owns")
     cleanup.add_argument("--if-enabled", action="store_true",
                          help="do nothing when CLEANUP_ON_EXIT=false (for ExecStopPost=)")
+    cleanup.add_argument("--unit", metavar="UNIT",
+                         help="run from UNIT's ExecStopPost=: remove only when systemd is "
+                              "stopping UNIT; a restart (also a package upgrade's) or a "
+                              "crash keeps everything for the next start")
     return top
 
 

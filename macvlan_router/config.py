@@ -148,6 +148,18 @@ def load(path=DEFAULT_PATH, environ: Mapping[str, str] = None):
     return from_values(values, source=path)
 
 
+def read_cleanup_on_exit(path=DEFAULT_PATH, environ: Mapping[str, str] = None):
+    """CLEANUP_ON_EXIT alone, for `cleanup`, which needs nothing else. Never raises: a file
+    that cannot be read or parsed means the default (true), with a warning."""
+    environ = os.environ if environ is None else environ
+    try:
+        text = environ.get("CLEANUP_ON_EXIT", read_file(path).get("CLEANUP_ON_EXIT", ""))
+        return _boolean("CLEANUP_ON_EXIT", text.strip(), True)
+    except ConfigError as exc:
+        log.warning("%s; taking CLEANUP_ON_EXIT=true", exc)
+        return True
+
+
 def from_values(values: Mapping[str, str], source=DEFAULT_PATH):
     get = lambda key: values.get(key, "").strip()  # noqa: E731
     debug = _boolean("DEBUG", get("DEBUG"), False)

@@ -12,11 +12,11 @@ import signal
 import time
 
 from . import config as config_mod
+from . import lifecycle
 from . import log as log_mod
 from .docker_source import REFRESH_ALL, EventWatcher
 from .errors import EX_CONFIG, EX_OK, ConfigError, PermissionDenied
 from .netlink import Monitor
-from .reconcile import cleanup
 
 log = logging.getLogger(__name__)
 
@@ -225,10 +225,7 @@ class Daemon:
     def _stop(self):
         self.notifier.stopping()
         self.watcher.stop()
-        if self.config.cleanup_on_exit:
-            failed, _ = cleanup(self.reconciler.netlink)
-            log.info("stopped%s", f"; {failed} removals failed" if failed else
-                     " and removed the shims and routes it owned")
-        else:
-            log.info("stopped; shims and routes stay (CLEANUP_ON_EXIT=false)")
+        # A restart, an upgrade or a crash keeps the shims and routes: lifecycle.py decides.
+        lifecycle.leave(self.reconciler.netlink, self.config.cleanup_on_exit,
+                        lifecycle.service_unit())
         return EX_OK
