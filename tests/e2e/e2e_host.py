@@ -14,6 +14,7 @@ Every wait is bounded in time and in iterations.
 """
 
 import contextlib
+import email.utils
 import hashlib
 import os
 import re
@@ -124,20 +125,50 @@ def install_host_tools():
 
 # --------------------------------------------------------------------------- the package
 
-def build_deb():
+def build_deb(tree=REPO_ROOT, nocheck=False):
     """Build the package with the project's own entry point (make deb -> debian/build-deb)."""
-    p = run([REPO_ROOT / "debian" / "build-deb"], check=False, timeout=1200,
-            env=debian_env(DEBIAN_FRONTEND="noninteractive"), cwd=REPO_ROOT)
+    env = debian_env(DEBIAN_FRONTEND="noninteractive")
+    if nocheck:
+        env["DEB_BUILD_OPTIONS"] = "nocheck"
+    p = run([tree / "debian" / "build-deb"], check=False, timeout=1200, env=env, cwd=tree)
     if p.returncode != 0:
         raise AssertionError(f"debian/build-deb failed (rc={p.returncode}):\n"
                              f"{p.stdout[-4000:]}\n{p.stderr[-4000:]}")
-    version = run(["dpkg-parsechangelog", "-S", "Version"], cwd=REPO_ROOT,
+    version = run(["dpkg-parsechangelog", "-S", "Version"], cwd=tree,
                   env=debian_env()).stdout.strip()
-    build = REPO_ROOT / "build"
+    build = tree / "build"
     deb = build / f"macvlan-router_{version}_all.deb"
     changes = next(build.glob(f"macvlan-router_{version}_*.changes"))
     assert deb.is_file(), f"{deb} was not built"
     return deb, changes
+
+
+def checkout_tar():
+    """The checkout as git sees it (tracked and new files), as a clone would have it."""
+    listing = run(["git", "-C", REPO_ROOT, "ls-files", "-z", "--cached", "--others",
+                   "--exclude-standard"]).stdout
+    files = [f for f in listing.split("\0") if f and (REPO_ROOT / f).exists()]
+    return subprocess.run(["tar", "-C", REPO_ROOT, "--null", "-T", "-", "-cf", "-"],
+                          input="\0".join(files).encode(), capture_output=True,
+                          check=True).stdout
+
+
+def newer_source(dest, suffix="+e2e1"):
+    """A copy of the checkout whose debian/changelog has one entry more (VERSION+e2e1): it
+    builds a package that upgrades the one under test, from the same code."""
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-C", dest, "-xf", "-"], input=checkout_tar(), check=True)
+    changelog = dest / "debian" / "changelog"
+
+    def field(name):
+        return run(["dpkg-parsechangelog", "-S", name], cwd=dest, env=debian_env()).stdout.strip()
+
+    version = field("Version") + suffix
+    entry = (f"macvlan-router ({version}) unstable; urgency=medium\n\n"
+             "  * The package under test with a higher version, to test the upgrade.\n\n"
+             f" -- {field('Maintainer')}  {email.utils.formatdate()}\n\n")
+    changelog.write_text(entry + changelog.read_text())
+    return dest, version
 
 
 # --------------------------------------------------------------------------- rootfs cache
@@ -355,3 +386,55 @@ class Box:
     def stop(self):
         self.engine.docker("stop", "-t", "15", self.name, check=False, timeout=60)
         self.engine.docker("rm", "-f", self.name, check=False, timeout=60)
+
+
+class Watch:
+    """While something happens in the box: a ping from the box to `addr` every 10 ms (100 a
+    second) and `ip monitor` of links, addresses and routes, both in the background and
+    bounded in time. A lost packet is a gap in the sequence numbers of the replies, so the
+    one in flight when the ping is stopped does not count."""
+
+    DIR = "/root/watch"
+
+    def __init__(self, box, addr, limit=600):
+        self.box = box
+        self.addr = addr
+        self.limit = limit
+        self.lost = self.monitor = None
+
+    def __enter__(self):
+        flag = "-6 " if ":" in self.addr else ""
+        d = self.DIR
+        self.box.sh(f"""set -e
+rm -rf {d} && mkdir -p {d}
+setsid timeout {self.limit} ip -o monitor link address route > {d}/monitor 2>&1 < /dev/null &
+echo $! > {d}/monitor.pid
+setsid busybox ping {flag}-i 0.01 -w {self.limit} {self.addr} > {d}/ping 2>&1 < /dev/null &
+echo $! > {d}/ping.pid
+""")
+        self.wait_replies(50, desc=f"the first replies from {self.addr}")
+        return self
+
+    def replies(self):
+        text = self.box.sh(f"cat {self.DIR}/ping", check=False).stdout
+        return [int(n) for n in re.findall(r"seq=(\d+)", text)]
+
+    def wait_replies(self, more, timeout=30, desc=None):
+        """Wait for `more` replies beyond those seen now: the ping was alive after an event."""
+        target = len(self.replies()) + more
+        wait_until(lambda: len(self.replies()) >= target, timeout, interval=0.2,
+                   desc=desc or f"{more} more replies from {self.addr}")
+
+    def __exit__(self, *exc):
+        self.box.sh(f"for p in ping monitor; do kill $(cat {self.DIR}/$p.pid) 2>/dev/null; "
+                    "done; true", check=False)
+        seen = set(self.replies())
+        self.lost = sorted(set(range(max(seen, default=-1) + 1)) - seen)
+        self.replied = len(seen)
+        self.monitor = self.box.sh(f"cat {self.DIR}/monitor", check=False).stdout.splitlines()
+        return False
+
+    def deleted(self, name):
+        """What `ip monitor` saw deleted on link `name`: links, addresses, routes."""
+        return [line for line in self.monitor
+                if line.startswith("Deleted") and re.search(rf"\b{re.escape(name)}\b", line)]

@@ -77,6 +77,17 @@ def built(host_tools):
 
 
 @pytest.fixture(scope="module")
+def newer(host_tools):
+    """The same code as a higher version: what an upgrade installs over the package."""
+    with tempfile.TemporaryDirectory(prefix="mvr-e2e-newer-") as d:
+        tree, version = e2e.newer_source(Path(d) / "src")
+        t = time.monotonic()
+        deb, _ = e2e.build_deb(tree, nocheck=True)
+        say(f"built {deb.name} in {time.monotonic() - t:.1f}s")
+        yield deb, version
+
+
+@pytest.fixture(scope="module")
 def unpacked(built):
     with tempfile.TemporaryDirectory(prefix="mvr-e2e-deb-") as d:
         e2e.run(["dpkg-deb", "-x", built[0], d])
@@ -255,6 +266,48 @@ def c1_addresses(b):
     return tuple(addrs)
 
 
+def main_pid(b):
+    pid = b.show(UNIT, "MainPID")["MainPID"]
+    assert pid != "0", f"{UNIT} has no main process"
+    return pid
+
+
+def wait_restarted(b, before, timeout=60):
+    """Until systemd has started a new daemon by itself (Restart=) after `before`'s."""
+    e2e.wait_until(
+        lambda: (lambda s: s["MainPID"] not in ("0", before["MainPID"])
+                 and s["ActiveState"] == "active"
+                 and int(s["NRestarts"]) > int(before["NRestarts"]))(
+            b.show(UNIT, "MainPID", "ActiveState", "NRestarts")),
+        timeout, interval=1, desc="systemd to restart the daemon")
+
+
+def journal_mark(b):
+    return len(b.journal().splitlines())
+
+
+def journal_since(b, mark):
+    return "\n".join(b.journal().splitlines()[mark:])
+
+
+# Logged by the daemon on SIGTERM and by ExecStopPost=, each after asking systemd for the job.
+KEPT_FOR_RESTART = re.compile(
+    rf"^restarting: keeping {SHIM} and its \d+ routes for the next start$", re.M)
+KEPT_AFTER_CRASH = re.compile(
+    rf"^{re.escape(UNIT)}\.service ended without a stop job \(.*\): keeping {SHIM} and its "
+    r"\d+ routes for the next start; `macvlan-router cleanup` removes them$", re.M)
+REMOVAL = re.compile(r"^ip .*\bdel\b", re.M)
+
+
+def assert_nothing_dropped(b, watch, routes_before, what):
+    """No ping lost, nothing of ours deleted even for a moment, the same routes after."""
+    say(f"{what}: {watch.replied} pings answered, {len(watch.lost)} lost")
+    assert watch.lost == [], \
+        f"{what}: {len(watch.lost)} pings lost (sequence numbers {watch.lost[:20]}...)"
+    assert not watch.deleted(SHIM), f"{what} deleted:\n" + "\n".join(watch.deleted(SHIM))
+    assert owned_routes(b) == routes_before
+
+
 def test_install_with_apt_starts_the_service(box):
     install(box)
     enabled = box.sh(f"systemctl is-enabled {UNIT}", check=False).stdout.strip()
@@ -343,28 +396,32 @@ def test_reload_applies_the_edited_default_file(box):
 def test_watchdog_kills_and_restarts_a_stuck_daemon(box):
     ensure_installed(box)
     ensure_lan(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
     before = box.show(UNIT, "NRestarts", "MainPID")
-    pid = before["MainPID"]
-    assert pid != "0"
-    box.sh(f"kill -STOP {pid}")
-    t = time.monotonic()
-    e2e.wait_until(
-        lambda: (lambda s: s["MainPID"] not in ("0", pid) and s["ActiveState"] == "active"
-                 and int(s["NRestarts"]) > int(before["NRestarts"]))(
-            box.show(UNIT, "MainPID", "ActiveState", "NRestarts")),
-        WATCHDOG_BOUND, interval=1, desc="the watchdog to kill and restart the daemon")
-    say(f"watchdog restart after {time.monotonic() - t:.1f}s")
+    routes = owned_routes(box)
+    with e2e.Watch(box, ip4) as watch:
+        box.sh(f"kill -STOP {main_pid(box)}")
+        t = time.monotonic()
+        wait_restarted(box, before, WATCHDOG_BOUND)
+        say(f"watchdog restart after {time.monotonic() - t:.1f}s")
+        watch.wait_replies(100)
     journal = box.journal(extra="--since=-2min")
     assert "Watchdog timeout" in journal or "watchdog" in journal.lower(), journal[-2000:]
-    box_ping(box, ensure_lan(box)[0])
+    # Killed by the watchdog is not stopped: the routes stay for the restarted daemon.
+    assert_nothing_dropped(box, watch, routes, "watchdog kill and restart")
 
 
 def test_stop_removes_shim_and_routes(box):
     ensure_installed(box)
     ip4 = ensure_lan(box)[0]
+    mark = journal_mark(box)
     box.sh(f"systemctl stop {UNIT}")
     assert not shim_exists(box), f"{SHIM} still there after stop"
     assert not owned_routes(box), owned_routes(box)
+    journal = journal_since(box, mark)
+    assert f"{UNIT}.service is stopping: removing the shims and routes" in journal, journal
+    assert f"ip link del {SHIM}" in journal, journal
     box.sh(f"systemctl start {UNIT}")
     wait_active(box)
     box_ping(box, ip4)
@@ -386,9 +443,102 @@ def test_stop_keeps_shim_and_routes_with_cleanup_on_exit_false(box):
     box_ping(box, ip4)
 
 
+def test_restart_keeps_routes_under_traffic(box):
+    """systemctl restart: the shim and every route stay throughout; no ping is lost."""
+    ensure_installed(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
+    routes, pid, mark = owned_routes(box), main_pid(box), journal_mark(box)
+    with e2e.Watch(box, ip4) as watch:
+        box.sh(f"systemctl restart {UNIT}")
+        wait_active(box)
+        watch.wait_replies(100)
+    assert main_pid(box) != pid, "the daemon was not restarted"
+    assert_nothing_dropped(box, watch, routes, "systemctl restart")
+    journal = journal_since(box, mark)
+    # Both asked systemd: the daemon on SIGTERM, then ExecStopPost=.
+    assert len(KEPT_FOR_RESTART.findall(journal)) == 2, journal
+    assert not REMOVAL.search(journal), journal
+
+
+def test_upgrade_keeps_routes_under_traffic(box, newer):
+    """apt install of a newer version over the running one (debhelper's postinst restarts
+    the service): the shim and every route stay throughout; no ping is lost."""
+    deb, version = newer
+    ensure_installed(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
+    box.cp_in(deb, f"/root/{deb.name}")
+    routes, pid, mark = owned_routes(box), main_pid(box), journal_mark(box)
+    with e2e.Watch(box, ip4) as watch:
+        p = box.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y /root/{deb.name}",
+                   check=False, timeout=300)
+        assert p.returncode == 0, f"apt install failed:\n{p.stdout}\n{p.stderr}"
+        wait_active(box)
+        watch.wait_replies(100)
+    installed = box.sh("dpkg-query -W -f '${Version}' macvlan-router").stdout.strip()
+    assert installed == version
+    assert main_pid(box) != pid, "the upgrade did not restart the daemon"
+    assert_nothing_dropped(box, watch, routes, f"upgrade to {version}")
+    journal = journal_since(box, mark)
+    assert len(KEPT_FOR_RESTART.findall(journal)) == 2, journal
+    assert not REMOVAL.search(journal), journal
+
+
+def test_crash_keeps_routes_and_the_restarted_daemon_adopts_them(box):
+    """SIGKILL: no stop job, so ExecStopPost= keeps everything; systemd restarts the daemon
+    (RestartSec=5s), which adopts the shim and routes without touching them."""
+    ensure_installed(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
+    before = box.show(UNIT, "NRestarts", "MainPID")
+    routes, mark = owned_routes(box), journal_mark(box)
+    with e2e.Watch(box, ip4) as watch:
+        box.sh(f"kill -KILL {before['MainPID']}")
+        wait_restarted(box, before)
+        watch.wait_replies(100)
+    assert_nothing_dropped(box, watch, routes, "SIGKILL and automatic restart")
+    journal = journal_since(box, mark)
+    assert KEPT_AFTER_CRASH.search(journal), journal
+    assert not REMOVAL.search(journal), journal
+
+
+def test_crash_then_stop_removes_everything(box):
+    """A daemon restarted after a crash is stopped like any other: everything goes."""
+    ensure_installed(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
+    before = box.show(UNIT, "NRestarts", "MainPID")
+    box.sh(f"kill -KILL {before['MainPID']}")
+    wait_restarted(box, before)
+    assert shim_exists(box) and owned_routes(box)
+    box.sh(f"systemctl stop {UNIT}")
+    assert not shim_exists(box), f"{SHIM} still there after stop"
+    assert not owned_routes(box), owned_routes(box)
+    box.sh(f"systemctl start {UNIT}")
+    wait_active(box)
+    box_ping(box, ip4)
+
+
+def test_disable_now_removes_everything(box):
+    ensure_installed(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
+    box.sh(f"systemctl disable --now {UNIT}")
+    assert not shim_exists(box), f"{SHIM} still there after disable --now"
+    assert not owned_routes(box), owned_routes(box)
+    assert box.sh(f"systemctl is-enabled {UNIT}", check=False).stdout.strip() == "disabled"
+    box.sh(f"systemctl enable --now {UNIT}")
+    wait_active(box)
+    box_ping(box, ip4)
+
+
 def test_bad_config_fails_clearly_without_restart_loop(box):
     ensure_installed(box)
     ensure_lan(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
+    routes = owned_routes(box)
     box.sh("cp /etc/default/macvlan-router /root/default.good && "
            "echo MACVLAN_BRIDGE_IP=nonsense >> /etc/default/macvlan-router")
     p = box.sh(f"systemctl restart {UNIT}", check=False)
@@ -400,11 +550,14 @@ def test_bad_config_fails_clearly_without_restart_loop(box):
     journal = box.journal(extra="-n 30")
     assert re.search(r"MACVLAN_BRIDGE_IP.*nonsense|nonsense.*MACVLAN_BRIDGE_IP", journal), \
         journal[-2000:]
-    assert not shim_exists(box) and not owned_routes(box)
+    # A restart is not a stop, and the start that failed changed nothing: what the daemon
+    # had made stays, and the containers stay reachable while the file is fixed.
+    assert shim_exists(box) and owned_routes(box) == routes
+    box_ping(box, ip4)
     box.sh("cp /root/default.good /etc/default/macvlan-router && "
            f"systemctl reset-failed {UNIT} && systemctl start {UNIT}")
     wait_active(box)
-    box_ping(box, ensure_lan(box)[0])
+    box_ping(box, ip4)
 
 
 def test_starts_without_docker_and_waits_for_it(box):
@@ -422,6 +575,34 @@ def test_starts_without_docker_and_waits_for_it(box):
     box.c1 = c1_addresses(box)
     box_ping(box, box.c1[0], count_deadline=60)
     assert box.show(UNIT, "NRestarts")["NRestarts"] == s["NRestarts"]
+
+
+def test_remove_after_a_crash_that_left_the_unit_failed(box):
+    """The daemon died and systemd did not restart it (here Restart=no in a drop-in): no
+    stop runs ExecStopPost= on a failed unit, so `apt remove` (the package's prerm) removes
+    what the daemon left. The package is installed again afterwards."""
+    ensure_installed(box)
+    ip4 = ensure_lan(box)[0]
+    box_ping(box, ip4)
+    routes = owned_routes(box)
+    dropin = f"/run/systemd/system/{UNIT}.service.d"
+    box.sh(f"mkdir -p {dropin} && printf '[Service]\\nRestart=no\\n' > {dropin}/e2e.conf && "
+           "systemctl daemon-reload")
+    try:
+        box.sh(f"kill -KILL {main_pid(box)}")
+        e2e.wait_until(lambda: box.show(UNIT, "ActiveState")["ActiveState"] == "failed", 30,
+                       desc=f"{UNIT} to be failed")
+        assert shim_exists(box) and owned_routes(box) == routes, "the crash removed routes"
+        p = box.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y macvlan-router",
+                   timeout=300)
+        assert f"ip link del {SHIM}" in p.stdout + p.stderr, p.stdout + p.stderr
+        assert not shim_exists(box), f"{SHIM} still there after apt remove"
+        assert not owned_routes(box), owned_routes(box)
+    finally:
+        box.sh(f"rm -rf {dropin}; systemctl daemon-reload; systemctl reset-failed {UNIT}",
+               check=False)
+    install(box)
+    box_ping(box, ip4)
 
 
 def test_purge_leaves_nothing_behind(box):
@@ -445,12 +626,7 @@ def test_make_install_from_a_source_tree(box):
     leaves the service enabled and running with the default configuration."""
     box.sh("export DEBIAN_FRONTEND=noninteractive; "
            "! dpkg -s macvlan-router >/dev/null 2>&1 || apt-get purge -y macvlan-router")
-    # The checkout as git sees it (tracked and new files), as a clone would have it.
-    listing = e2e.run(["git", "-C", e2e.REPO_ROOT, "ls-files", "-z", "--cached", "--others",
-                       "--exclude-standard"]).stdout
-    files = [f for f in listing.split("\0") if f and (e2e.REPO_ROOT / f).exists()]
-    tar = subprocess.run(["tar", "-C", e2e.REPO_ROOT, "--null", "-T", "-", "-cf", "-"],
-                         input="\0".join(files).encode(), capture_output=True, check=True).stdout
+    tar = e2e.checkout_tar()
     p = subprocess.run([e2e.DOCKER_CLI, "-H", f"unix://{box.engine.sock}", "exec", "-i",
                         box.name, "sh", "-c",
                         "rm -rf /root/src && mkdir /root/src && tar -C /root/src -xf -"],
