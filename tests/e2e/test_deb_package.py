@@ -598,6 +598,9 @@ def test_remove_after_a_crash_that_left_the_unit_failed(box):
         assert f"ip link del {SHIM}" in p.stdout + p.stderr, p.stdout + p.stderr
         assert not shim_exists(box), f"{SHIM} still there after apt remove"
         assert not owned_routes(box), owned_routes(box)
+        # The cleanup ran from files dpkg then removed: it left no bytecode behind.
+        left = box.sh("ls -d /usr/lib/python3/dist-packages/macvlan_router*", check=False)
+        assert left.returncode != 0, f"left behind by apt remove: {left.stdout}"
     finally:
         box.sh(f"rm -rf {dropin}; systemctl daemon-reload; systemctl reset-failed {UNIT}",
                check=False)
