@@ -9,8 +9,7 @@ import sys
 from . import __version__
 from . import config as config_mod
 from . import log as log_mod
-from .errors import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, DockerUnavailable, \
-    MacvlanRouterError
+from .errors import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, MacvlanRouterError
 
 log = logging.getLogger("macvlan_router")
 

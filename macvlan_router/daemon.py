@@ -298,4 +298,3 @@ class Daemon:
         else:
             log.info("stopped; shims and routes stay (CLEANUP_ON_EXIT=false)")
         return EX_OK
-

@@ -16,7 +16,9 @@ class Notifier:
             address = "\0" + address[1:]  # abstract namespace
         self.address = address or None
         self.watchdog_interval = self._watchdog_interval(environ)
-        self._socket = None
+        # Made once: the watchdog thread and the main loop both send on it.
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) \
+            if self.address else None
 
     @staticmethod
     def _watchdog_interval(environ):
@@ -35,8 +37,6 @@ class Notifier:
             return
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
-            if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._socket.sendto(message, self.address)
         except OSError:
             pass  # systemd gone (shutdown) or socket not ours: nothing useful to do

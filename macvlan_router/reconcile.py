@@ -87,8 +87,8 @@ class Reconciler:
         scope = set(scope)
         try:
             if not self.view.listed or REFRESH_ALL in scope:
-                self.view = self.view.after_list(self.docker.list_networks(),
-                                                  self.config.networks)
+                listing = self.docker.list_networks()
+                self.view = self.view.after_list(listing, self.config.networks)
                 scope = (scope - {REFRESH_ALL}) | {REFRESH_ENDPOINTS}
         except DockerUnavailable as exc:
             return scope, exc

@@ -46,9 +46,8 @@ class View:
         """The view after a list call that answered: managed networks re-selected; the ones
         Docker no longer lists are dropped, new ones wait for their first inspect."""
         chosen, problems = desired_state.select_networks(selectors, listing.networks)
-        records = {n.id: self.records.get(n.id) or Record(n, stale="not read yet",
-                                                           inspected=False)
-                   for n in chosen}
+        records = {n.id: self.records.get(n.id)
+                   or Record(n, stale="not read yet", inspected=False) for n in chosen}
         return replace(self, listing=listing, records=records,
                        selection_problems=tuple(problems))
 

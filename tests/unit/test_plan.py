@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from macvlan_router import desired, plan
 from macvlan_router.config import Config
-from macvlan_router.model import LINK_ALIAS, Address, Desired, Link, Route
+from macvlan_router.model import Address, Desired, Link
 
 from .factories import MACHINE, apply_model, endpoint, host, iface, ip, net, network, route
 
@@ -32,7 +32,8 @@ def test_commands_read_like_ip():
     first = plan.compute(desired.compute(Config(), [lan], host()), host())
     commands = [a.command() for a in first.actions]
     assert commands[0].startswith("ip link add mvr-eth0 link eth0 address ")
-    assert commands[0].endswith("type macvlan mode bridge && ip link set mvr-eth0 alias macvlan-router")
+    assert commands[0].endswith(
+        "type macvlan mode bridge && ip link set mvr-eth0 alias macvlan-router")
     assert "ip address add 198.51.100.2/32 dev mvr-eth0 noprefixroute" in commands
     assert ("ip route replace 198.51.100.130/32 dev mvr-eth0 proto macvlan-router scope link "
             "src 198.51.100.2") in commands

@@ -2,8 +2,9 @@
 
 import pytest
 
-from macvlan_router import desired, safety
+from macvlan_router import config, desired, safety
 from macvlan_router.config import Config
+from macvlan_router.errors import ConfigError
 from macvlan_router.model import Route
 
 from .factories import endpoint, host, ip, net, network
@@ -89,3 +90,10 @@ def test_a_subnet_wider_than_a_lan_from_the_engine_is_not_served():
     result = _compute(Config(), [lan])
     assert not result.routes and not result.shims
     assert any("wider than /8" in p.message and p.kind == "warning" for p in result.problems)
+
+
+@pytest.mark.parametrize("entry", ["0.0.0.0/1", "128.0.0.0/1", "126.0.0.0/7", "224.0.0.0/3",
+                                   "169.254.0.0/16", "240.0.0.0/4", "127.0.0.1"])
+def test_additional_routes_outside_the_policy_are_refused_at_once(entry):
+    with pytest.raises(ConfigError, match="cannot be routed via a shim"):
+        config.from_values({"ADDITIONAL_ROUTES": entry})

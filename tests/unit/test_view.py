@@ -2,7 +2,7 @@
 protection it gives routes while it is not complete."""
 
 from macvlan_router import plan
-from macvlan_router.config import Config, Selector
+from macvlan_router.config import Selector
 from macvlan_router.docker_source import Listing
 from macvlan_router.model import Desired, Problem
 from macvlan_router.view import View
