@@ -50,7 +50,10 @@ def _gather(config):
     reconciler, url = build(config)
     host = reconciler.netlink.read()
     _, error = reconciler.refresh({REFRESH_ALL})
-    outcome = reconciler.compute(host) if reconciler.view.listed else None
+    view = reconciler.view
+    outcome = reconciler.compute(host) if view.listed else None
+    if error is None and view.listed and not view.complete:
+        error = f"{view.listing.unreadable} network record(s) from Docker could not be read"
     return reconciler, url, host, outcome, str(error) if error else None
 
 

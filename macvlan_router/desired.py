@@ -207,6 +207,13 @@ def _shim_names(config, parents, host, problems):
                 + " ".join(f"{p}={names[p]}" for p in parents), kind="warning"))
     taken = {}
     for parent in parents:
+        if names[parent] in parents or names[parent] == "lo":
+            problems.append(Problem(
+                f"MACVLAN_BRIDGE_INTERFACE_NAME would name the shim on {parent} "
+                f"{names[parent]}, which is a network's parent interface; choose a free name, "
+                f"e.g. {parent}={default_shim_name(parent)}"))
+            names[parent] = None
+            continue
         other = taken.setdefault(names[parent], parent)
         if other != parent:
             problems.append(Problem(

@@ -141,9 +141,10 @@ def compute(desired, host, protection=Protection()):
         link = host.link(name)
         if link is not None and name not in ours:
             problems.append(Problem(
-                f"interface {name} exists but was not created by macvlan-router; remove it "
-                f"(ip link del {name}) or choose another name with "
-                "MACVLAN_BRIDGE_INTERFACE_NAME"))
+                f"interface {name} exists but was not created by macvlan-router, so it is "
+                "left alone and no shim is made on "
+                f"{spec.parent}; choose another shim name with "
+                f"MACVLAN_BRIDGE_INTERFACE_NAME={spec.parent}=<a free name>"))
             continue
         if link is None or name in drop:
             create.append(spec)

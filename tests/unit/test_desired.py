@@ -222,3 +222,13 @@ def test_shim_address_in_dockers_pool_warns_unless_reserved():
     assert not reserved.problems
     whole_subnet = compute(networks=[network(ip_ranges=())])
     assert "the host's address 198.51.100.2" in whole_subnet.problems[0].message
+
+
+def test_a_shim_name_that_is_a_parent_is_refused():
+    """MACVLAN_BRIDGE_INTERFACE_NAME=eth1 with networks on eth0 and eth1: never touch eth1."""
+    result = compute(Config(interface_names=(("eth0", "eth1"),)),
+                     [network(), network("iot", parent="eth1", subnets=("203.0.113.0/24",))],
+                     host(links=("eth0", "eth1"),
+                          addresses=(("eth0", "198.51.100.2/24"), ("eth1", "203.0.113.2/24"))))
+    assert "eth1" not in result.shims
+    assert any("eth1" in m and "parent interface" in m for m in errors(result))
