@@ -71,6 +71,7 @@ class Daemon:
         self.stream = None            # None: not connected yet; else why it is lost, or "up"
         self.owed = {REFRESH_ALL}
         self.docker_retry = Backoff(clock)
+        self.last_docker_error = None
         self.host_retry = Backoff(clock)
         self.ready_sent = False
         self.summary = None           # the last reconcile's one-line summary
@@ -175,11 +176,16 @@ class Daemon:
         if error is None:
             if self.docker_retry.failures:
                 log.info("reading from Docker works again")
+            self.last_docker_error = None
             self.docker_retry.succeeded()
         else:
             self.docker_retry.failed()
-            log.warning("reading networks from Docker failed (%s); routes stay as they are, "
-                        "retrying in %.0f s", error, self.docker_retry.due - self.clock())
+            # Once per kind of failure, not once per retry: a broken engine must not
+            # flood the journal every few seconds.
+            level = logging.WARNING if str(error) != self.last_docker_error else logging.DEBUG
+            self.last_docker_error = str(error)
+            log.log(level, "reading networks from Docker failed (%s); routes stay as they "
+                    "are, retrying every few seconds", error)
         log.debug("Docker reads took %.1f ms", (self.clock() - started) * 1000)
         return True
 
