@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
+from . import safety
 from .errors import ConfigError
 
 DEFAULT_PATH = "/etc/default/macvlan-router"
@@ -544,9 +545,10 @@ def _route(word):
         raise ConfigError(
             f"ADDITIONAL_ROUTES entry {word!r} has host bits set; did you mean {fixed}?"
         ) from None
-    if network.is_multicast or network.is_loopback or network.prefixlen == 0:
+    refusal = safety.static_refusal(network)
+    if refusal:
         raise ConfigError(
-            f"ADDITIONAL_ROUTES entry {word!r} cannot be routed via the shim; "
+            f"ADDITIONAL_ROUTES entry {word!r} cannot be routed via a shim: {refusal}; "
             "give unicast addresses or prefixes on the macvlan LAN")
     return network
 
