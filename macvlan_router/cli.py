@@ -192,7 +192,7 @@ def parser():
 
     def command(name, func, help_text):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", metavar="PATH", default=config_mod.DEFAULT_PATH,
+        sub.add_argument("--config", metavar="PATH",
                          help=f"configuration file (default {config_mod.DEFAULT_PATH})")
         sub.set_defaults(func=func)
         return sub
@@ -210,12 +210,20 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     log_mod.setup(daemon=args.command == "run")
-    try:
-        config = config_mod.load(args.config)
-    except MacvlanRouterError as exc:
-        log.error("configuration error: %s", exc)
-        return exc.exit_status
-    log_mod.set_level(config.log_level)
+    # A file named on the command line must exist; the default one may be missing.
+    named = args.config is not None
+    args.config = args.config or config_mod.DEFAULT_PATH
+    if args.func is cmd_cleanup:
+        # Cleanup needs none of the configuration and must work with a broken file: it
+        # reads only CLEANUP_ON_EXIT, with config.read_cleanup_on_exit().
+        config = None
+    else:
+        try:
+            config = config_mod.load(args.config, required=named)
+        except MacvlanRouterError as exc:
+            log.error("configuration error: %s", exc)
+            return exc.exit_status
+        log_mod.set_level(config.log_level)
     try:
         return args.func(args, config)
     except MacvlanRouterError as exc:

@@ -2,7 +2,6 @@
 
 import ipaddress
 import logging
-import os
 import threading
 from dataclasses import dataclass
 from typing import Tuple
@@ -33,7 +32,9 @@ FAILED = UNREACHABLE + (ValueError,)
 
 
 def docker_host(config):
-    return config.docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    # Not os.environ: a DOCKER_HOST in a user's shell is meant for the docker CLI, and
+    # config.py takes DOCKER_HOST from the configuration file only.
+    return config.docker_host or DEFAULT_DOCKER_HOST
 
 
 def _client(url):
