@@ -39,8 +39,8 @@ def cmd_run(args, config):
     watcher = EventWatcher(url, lambda scope: triggers.put((DOCKER, scope)),
                            lambda why: triggers.put((LOST, why)))
     monitor = Monitor(lambda: triggers.put((HOST, None)), lambda: reconciler.watched)
-    return Daemon(args.config, reconciler, notifier, watchdog, triggers, watcher, monitor,
-                  url).run()
+    return Daemon(args.config, lambda: config_mod.load(args.config, args.config_required),
+                  reconciler, notifier, watchdog, triggers, watcher, monitor, url).run()
 
 
 def _gather(config):
@@ -211,7 +211,7 @@ def main(argv=None):
     args = parser().parse_args(argv)
     log_mod.setup(daemon=args.command == "run")
     # A file named on the command line must exist; the default one may be missing.
-    named = args.config is not None
+    args.config_required = args.config is not None
     args.config = args.config or config_mod.DEFAULT_PATH
     if args.func is cmd_cleanup:
         # Cleanup needs none of the configuration and must work with a broken file: it
@@ -219,7 +219,7 @@ def main(argv=None):
         config = None
     else:
         try:
-            config = config_mod.load(args.config, required=named)
+            config = config_mod.load(args.config, required=args.config_required)
         except MacvlanRouterError as exc:
             log.error("configuration error: %s", exc)
             return exc.exit_status

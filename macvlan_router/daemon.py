@@ -19,7 +19,6 @@ import queue
 import signal
 import time
 
-from . import config as config_mod
 from . import log as log_mod
 from .docker_source import REFRESH_ALL
 from .errors import EX_CONFIG, EX_OK, ConfigError, PermissionDenied
@@ -56,9 +55,10 @@ class Backoff:
 
 
 class Daemon:
-    def __init__(self, config_path, reconciler, notifier, watchdog, triggers, watcher,
-                 monitor, docker_url, clock=time.monotonic):
+    def __init__(self, config_path, load_config, reconciler, notifier, watchdog, triggers,
+                 watcher, monitor, docker_url, clock=time.monotonic):
         self.config_path = config_path
+        self.load_config = load_config
         self.reconciler = reconciler
         self.notifier = notifier
         self.watchdog = watchdog
@@ -280,7 +280,7 @@ class Daemon:
         """Re-read the configuration; a bad one is logged and the old one kept."""
         self.notifier.reloading()
         try:
-            new = config_mod.load(self.config_path)
+            new = self.load_config()
         except ConfigError as exc:
             log.error("reload: %s; keeping the previous configuration", exc)
             return

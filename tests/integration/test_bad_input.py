@@ -149,10 +149,12 @@ def test_run_static_error_needs_no_docker(lab, engine):
     _assert_message(rc, d.stderr, ["MACVLAN_BRIDGE_IP", "198.51.100.300"], "run")
 
 
-def test_check_ok_and_missing_file_means_defaults(lab, engine):
+def test_check_ok_and_a_named_file_that_is_missing_is_an_error(lab, engine):
     _lan_net(lab, engine)
-    rc, out, err = lab.mvr("check", config=lab.path("does-not-exist.env"))
-    assert rc == 0, (rc, out, err)
+    missing = lab.path("does-not-exist.env")
+    for command in ("check", "run"):
+        rc, out, err = lab.mvr(command, config=missing, timeout=30)
+        _assert_message(rc, out + err, [str(missing), "does not exist"], command)
     rc, out, err = lab.mvr("check", config={"MACVLAN_DOCKER_NETWORK": "lan",
                                             "MACVLAN_BRIDGE_IP": "198.51.100.10"})
     assert rc == 0, (rc, out, err)

@@ -112,7 +112,8 @@ def make(docker, h=None, config=Config()):
     clock = Clock()
     netlink = FakeNetlink(h or host())
     triggers = Triggers(clock)
-    d = daemon_mod.Daemon("/etc/default/macvlan-router", Reconciler(config, docker, netlink),
+    d = daemon_mod.Daemon("/etc/default/macvlan-router", lambda: config,
+                          Reconciler(config, docker, netlink),
                           Notifier(), Watchdog(Notifier(), clock), triggers, Idle(), Idle(),
                           "unix:///run/docker.sock", clock=clock)
     return d, netlink, clock
