@@ -39,7 +39,7 @@ def cmd_run(args, config):
     watcher = EventWatcher(url, lambda scope: triggers.put((DOCKER, scope)),
                            lambda why: triggers.put((LOST, why)))
     monitor = Monitor(lambda: triggers.put((HOST, None)), lambda: reconciler.watched)
-    return Daemon(args.config, lambda: config_mod.load(args.config, args.config_required),
+    return Daemon(args.config, lambda: config_mod.load(args.config, required=args.config_required),
                   reconciler, notifier, watchdog, triggers, watcher, monitor, url).run()
 
 
