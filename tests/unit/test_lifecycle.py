@@ -1,13 +1,12 @@
 """Leaving: which way out removes what we own (a stop) and which keeps it (everything else)."""
 
-import logging
 from functools import partial
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from macvlan_router import config, lifecycle
+from macvlan_router import lifecycle
 from macvlan_router.lifecycle import Decision, QueryFailed, decide, job_types, list_jobs
 
 from .factories import host, route
@@ -128,8 +127,8 @@ UNITS = st.sampled_from([UNIT, "docker.service", "macvlan-router.socket", "a.ser
 @given(st.lists(st.tuples(UNITS, JOB_TYPES, st.sampled_from(["running", "waiting"]))))
 def test_only_a_stop_job_of_our_unit_removes(jobs):
     listing = "".join(f"{n} {u} {t} {s}\n" for n, (u, t, s) in enumerate(jobs, 1))
-    assert decide(True, UNIT, canned(listing)).remove == ((UNIT, "stop") in
-                                                         {(u, t) for u, t, _ in jobs})
+    stopping = (UNIT, "stop") in {(u, t) for u, t, _ in jobs}
+    assert decide(True, UNIT, canned(listing)).remove == stopping
 
 
 # --------------------------------------------------------------------------- asking systemd
@@ -174,28 +173,3 @@ def test_owned_summary(shims, routes, text):
              routes=tuple(route(r, "mvr-eth0") for r in routes)
              + (route("198.51.100.0/24", "eth0", proto=2),))
     assert lifecycle.owned_summary(h) == text
-
-
-# --------------------------------------------------------------------------- CLEANUP_ON_EXIT
-# config.read_cleanup_on_exit: what `cleanup --if-enabled` reads, and nothing else.
-
-@pytest.mark.parametrize("text, environ, expected", [
-    ("CLEANUP_ON_EXIT=false\n", {}, False),
-    ("CLEANUP_ON_EXIT=no\nMACVLAN_BRIDGE_IP=nonsense\n", {}, False),
-    ("", {}, True),
-    ("CLEANUP_ON_EXIT=false\n", {"CLEANUP_ON_EXIT": "true"}, True),
-])
-def test_read_cleanup_on_exit(tmp_path, text, environ, expected):
-    path = tmp_path / "macvlan-router"
-    path.write_text(text)
-    assert config.read_cleanup_on_exit(str(path), environ) is expected
-
-
-@pytest.mark.parametrize("text", ["CLEANUP_ON_EXIT=maybe\n", "X='unclosed\nCLEANUP_ON_EXIT=0\n"])
-def test_read_cleanup_on_exit_broken_file_means_default(tmp_path, caplog, text):
-    path = tmp_path / "macvlan-router"
-    path.write_text(text)
-    with caplog.at_level(logging.WARNING):
-        assert config.read_cleanup_on_exit(str(path), {}) is True
-    assert "taking CLEANUP_ON_EXIT=true" in caplog.text
-    assert config.read_cleanup_on_exit(str(tmp_path / "absent"), {}) is True
