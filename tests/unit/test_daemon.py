@@ -273,3 +273,22 @@ def test_stop_ends_the_loop():
     d.step()
     d.triggers.put((daemon_mod.STOP, None))
     assert d.step() == EX_OK
+
+
+def test_an_unreadable_list_record_does_not_block_the_start():
+    """Docker keeps sending a record without a Name: serve the rest, delete nothing, and
+    do not judge the configuration (the record could be the network it names)."""
+    docker = FakeDocker(lan(("web", C1)))
+    listing = docker.list_networks
+    docker.list_networks = lambda: Listing(listing().networks, (), 1)
+    d, netlink, _ = make(docker, leftovers_plus(f"{C2}/32"),
+                         Config(networks=(Selector("lan"), Selector("gone"))))
+    connected(d)
+    assert d.step() is None
+    assert owned(netlink) == {f"{C1}/32", f"{C2}/32"}, "added what it knows, deleted nothing"
+    assert d.notifier.sent[0][0] == "READY"
+
+
+def leftovers_plus(dst):
+    h = leftovers()
+    return dataclasses.replace(h, routes=h.routes + (route(dst, "mvr-eth0", "198.51.100.2"),))
