@@ -703,7 +703,8 @@ class Engine:
             args += ["--ip6", ip6]
         for cap in cap_add:
             args += ["--cap-add", cap]
-        args += list(extra) + [IMAGE] + list(cmd or ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"])
+        args += list(extra) + [IMAGE]
+        args += list(cmd or ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"])
         self.cli(*args)
         if start:
             self.cli("start", name)

@@ -17,8 +17,8 @@ import time
 import pytest
 
 from faultproxy import FaultProxy
-from lab import (SHIM0, SHIM1, RouteWatcher, assert_no_traceback, holds_for, netlink_sockets,
-                 wait_until)
+from lab import (SHIM0, SHIM1, RouteWatcher, assert_no_traceback, host_prefix,
+                 netlink_sockets, norm_dst, wait_until)
 
 pytestmark = pytest.mark.integration
 
@@ -221,6 +221,8 @@ def test_malformed_record_costs_only_itself(lab, engine, proxy, case):
     d = lab.daemon({}, docker_host=proxy.url, ready=False)
     d.wait_ready(timeout=20)
     wait_routed(lab, *served, timeout=10, desc=f"routes for the records left intact ({case})")
+    print(f"{case}: the intact records routed {time.monotonic() - d.started_at:.2f} s "
+          "after the daemon started")
     assert d.alive()
     warnings = [line for line in d.stderr.splitlines() if " WARNING " in line]
     named = [w for w in warnings if all(_mentions(w, n) for n in names)]
@@ -280,6 +282,28 @@ def test_failed_refresh_is_retried_soon(lab, engine, proxy):
               "fault cleared")
     assert now - started < 5, f"alpha-2's route took {now - started:.1f} s " \
                               "(a retry should take about a second)"
+    assert d.alive()
+    assert_no_traceback(d.stderr, "the daemon's log")
+
+
+def test_event_stream_cut_is_followed_again(lab, engine, proxy, watcher):
+    engine.network("alpha")
+    engine.container("alpha-1", "alpha", ip=A1)
+    d = lab.daemon({}, docker_host=proxy.url)
+    wait_routed(lab, A1)
+    settled(lab, SHIM0)
+    subscriptions = proxy.count("GET", "/events")
+    # The engine stays up; only the stream breaks (what a proxy or a socket timeout does).
+    rule = proxy.reset("GET", "/events", times=1)
+    assert rule.hits == 1, "no event stream was being relayed to cut"
+    cut = time.monotonic()
+    engine.container("alpha-2", "alpha", ip=A2)
+    wait_until(lambda: routed(lab, A2), timeout=15,
+               desc="a route for a container started after the cut")
+    print(f"stream cut: alpha-2, started after the cut, routed "
+          f"{time.monotonic() - cut:.2f} s after it")
+    assert proxy.count("GET", "/events") > subscriptions, "the daemon never subscribed again"
+    assert_nothing_lost(watcher, [A1], [SHIM0])
     assert d.alive()
     assert_no_traceback(d.stderr, "the daemon's log")
 
@@ -378,14 +402,13 @@ def test_dockerd_sigkilled_mid_burst_and_restarted(lab, engine, watcher, mode):
         engine.start()
 
         def converged():
-            """Routes for exactly the running containers."""
-            want = {a + "/32" for a in addresses(running_containers(engine))}
-            have = {r["dst"] if "/" in r["dst"] else r["dst"] + "/32"
+            """Our routes are those of the running containers, through the shim."""
+            running = addresses(running_containers(engine))
+            have = {norm_dst(r["dst"] if "/" in r["dst"] else host_prefix(r["dst"]))
                     for r in lab.owned_routes()}
-            return want == have and routed(lab, *(w[:-3] for w in want))
+            return have == {host_prefix(a) for a in running} and routed(lab, *running)
         recovery = timed_wait(converged, timeout=30,
                               desc="routes for exactly the running containers")
-        holds_for(converged, duration=1.0, desc="routes for exactly the running containers")
         running = running_containers(engine)
         survivors = [c for c in running if before.get(c["Id"]) == c["State"]["StartedAt"]]
         print(f"dockerd SIGKILL ({mode}): {len(started)} of {len(BURST)} burst containers "
@@ -411,7 +434,8 @@ def addresses(containers):
 
 # ---------------------------------------------------------------- netlink overflow
 
-FLOOD_ROUTES = 6000
+FLOOD_ROUTES = 6000     # a round of 12000 messages overflows pyroute2's 1 MiB buffer 4 times
+FLOOD_ROUNDS = 8        # whatever buffer the monitor has, up to about 64 MiB
 FLOOD_TABLE = "100"
 
 
@@ -429,13 +453,19 @@ def test_netlink_monitor_overflow_leads_to_resync(lab, engine):
                                for p in prefixes))
     d.send_signal(signal.SIGSTOP)
     try:
-        lab.ipc("-batch", str(batch))
-        # The daemon's monitor is the netlink socket subscribed to link, address and route
-        # groups; Drops counts what the kernel could not queue for it.
-        sockets = [s for s in netlink_sockets(d.proc.pid) if s["groups"]]
-        assert sockets, f"no subscribed netlink socket in the daemon: {netlink_sockets(d.proc.pid)}"
-        monitor = max(sockets, key=lambda s: s["drops"])
-        assert monitor["drops"] > 0, f"{2 * FLOOD_ROUTES} messages did not overflow {monitor}"
+        sent = 0
+        for _ in range(FLOOD_ROUNDS):
+            lab.ipc("-batch", str(batch))
+            sent += 2 * FLOOD_ROUTES
+            # The daemon's monitor is its netlink socket subscribed to link, address and
+            # route groups; Drops counts what the kernel could not queue for it.
+            sockets = [s for s in netlink_sockets(d.proc.pid) if s["groups"]]
+            assert sockets, f"no subscribed netlink socket: {netlink_sockets(d.proc.pid)}"
+            monitor = max(sockets, key=lambda s: s["drops"])
+            if monitor["drops"]:
+                break
+        assert monitor["drops"] > 0, \
+            f"{sent} messages did not overflow {monitor}"
         lab.ipc("route", "del", f"{A1}/32", "proto", "210")
         after = {s["inode"]: s for s in netlink_sockets(d.proc.pid)}[monitor["inode"]]
         assert after["drops"] > monitor["drops"], "the deletion's message was not dropped too"
@@ -443,8 +473,8 @@ def test_netlink_monitor_overflow_leads_to_resync(lab, engine):
         d.send_signal(signal.SIGCONT)
         lab.ipc("route", "flush", "table", FLOOD_TABLE, check=False)
     continued = time.monotonic()
-    print(f"overflow: the daemon's monitor socket dropped {after['drops']} messages "
-          f"(receive queue {after['rmem']} bytes)")
+    print(f"overflow: of {sent} messages, the daemon's monitor socket dropped "
+          f"{after['drops']} (receive queue {after['rmem']} bytes)")
     try:
         wait_until(lambda: routed(lab, A1), timeout=15, desc="the deleted route back")
     finally:
