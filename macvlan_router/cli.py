@@ -9,44 +9,58 @@ import sys
 from . import __version__
 from . import config as config_mod
 from . import log as log_mod
-from .errors import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, DockerUnavailable, \
-    MacvlanRouterError
+from .errors import EX_CONFIG, EX_FAILURE, EX_OK, EX_UNAVAILABLE, MacvlanRouterError
 
 log = logging.getLogger("macvlan_router")
 
 
-def build(config):
+def build(config, before_call=lambda: None):
     """Create the real edges (imported here so `--help` works without them)."""
     from .docker_source import DockerSource, docker_host
     from .netlink import Netlink
     from .reconcile import Reconciler
     url = docker_host(config)
-    return Reconciler(config, DockerSource(url), Netlink()), url
+    return Reconciler(config, DockerSource(url, before_call), Netlink()), url
 
 
 def cmd_run(args, config):
-    from .daemon import Daemon
-    from .notify import Notifier
-    reconciler, url = build(config)
-    return Daemon(args.config, reconciler, Notifier(), url).run()
+    """The composition root of the daemon: every edge is built here and handed over."""
+    import queue
+
+    from .daemon import DOCKER, HOST, LOST, STEP_BUDGET, Daemon
+    from .docker_source import API_TIMEOUT, EventWatcher
+    from .netlink import Monitor
+    from .notify import Notifier, Watchdog
+    notifier = Notifier()
+    watchdog = Watchdog(notifier)
+    reconciler, url = build(config, lambda: watchdog.renew(API_TIMEOUT + STEP_BUDGET))
+    # SimpleQueue.put is reentrant: safe to call from a signal handler.
+    triggers = queue.SimpleQueue()
+    watcher = EventWatcher(url, lambda scope: triggers.put((DOCKER, scope)),
+                           lambda why: triggers.put((LOST, why)))
+    monitor = Monitor(lambda: triggers.put((HOST, None)), lambda: reconciler.watched)
+    return Daemon(args.config, lambda: config_mod.load(args.config, required=args.config_required),
+                  reconciler, notifier, watchdog, triggers, watcher, monitor, url).run()
 
 
 def _gather(config):
-    """Docker's view (or the reason it is missing) and the computed outcome."""
+    """The host, the outcome computed from what Docker answered (None when it answered
+    nothing), and why Docker's answer is missing or incomplete (None when complete)."""
     from .docker_source import REFRESH_ALL
     reconciler, url = build(config)
     host = reconciler.netlink.read()
-    try:
-        reconciler.refresh({REFRESH_ALL})
-    except DockerUnavailable as exc:
-        return reconciler, url, host, None, str(exc)
-    return reconciler, url, host, reconciler.compute(host), None
+    _, error = reconciler.refresh({REFRESH_ALL})
+    view = reconciler.view
+    outcome = reconciler.compute(host) if view.listed else None
+    if error is None and view.listed and not view.complete:
+        error = f"{view.listing.unreadable} network record(s) from Docker could not be read"
+    return reconciler, url, host, outcome, str(error) if error else None
 
 
 def cmd_check(args, config):
     reconciler, url, host, outcome, docker_error = _gather(config)
     print(f"configuration {args.config}: valid")
-    if docker_error:
+    if outcome is None:
         print(f"error: {docker_error}")
         return EX_UNAVAILABLE
     print(f"Docker at {url}: reachable")
@@ -64,6 +78,10 @@ def cmd_check(args, config):
         print(f"shim {name} on {shim.parent}: {addresses or 'no address'}")
     for problem in outcome.problems:
         print(f"{problem.kind}: {problem.message}")
+    if docker_error:
+        # Judging the configuration on a partial answer could blame it for Docker's fault.
+        print(f"error: Docker's answer is incomplete, so the check is too: {docker_error}")
+        return EX_UNAVAILABLE
     if outcome.errors:
         print(f"{len(outcome.errors)} problem(s) to fix in {args.config}, Docker or the host")
         return EX_CONFIG
@@ -174,7 +192,7 @@ def parser():
 
     def command(name, func, help_text):
         sub = commands.add_parser(name, help=help_text, description=help_text)
-        sub.add_argument("--config", metavar="PATH", default=config_mod.DEFAULT_PATH,
+        sub.add_argument("--config", metavar="PATH",
                          help=f"configuration file (default {config_mod.DEFAULT_PATH})")
         sub.set_defaults(func=func)
         return sub
@@ -192,12 +210,20 @@ def parser():
 def main(argv=None):
     args = parser().parse_args(argv)
     log_mod.setup(daemon=args.command == "run")
-    try:
-        config = config_mod.load(args.config)
-    except MacvlanRouterError as exc:
-        log.error("configuration error: %s", exc)
-        return exc.exit_status
-    log_mod.set_level(config.log_level)
+    # A file named on the command line must exist; the default one may be missing.
+    args.config_required = args.config is not None
+    args.config = args.config or config_mod.DEFAULT_PATH
+    if args.func is cmd_cleanup:
+        # Cleanup needs none of the configuration and must work with a broken file: it
+        # reads only CLEANUP_ON_EXIT, with config.read_cleanup_on_exit().
+        config = None
+    else:
+        try:
+            config = config_mod.load(args.config, required=args.config_required)
+        except MacvlanRouterError as exc:
+            log.error("configuration error: %s", exc)
+            return exc.exit_status
+        log_mod.set_level(config.log_level)
     try:
         return args.func(args, config)
     except MacvlanRouterError as exc:

@@ -1,8 +1,16 @@
 """The daemon's main loop: triggers in, reconciles out, systemd kept informed.
 
-Threads (Docker events, netlink monitor) and signal handlers only put a trigger
-on a queue; all the work happens here, in the main thread, so the watchdog ping
-stops whenever that work hangs.
+Threads (Docker events, netlink monitor) and signal handlers only put a trigger on a
+queue; all the work happens here, in the main thread.
+
+The state is small and explicit:
+- `phase`: STARTING until Docker's view is complete once (then the configuration is
+  judged, and nothing on the host is changed before that), SERVING after;
+- `stream`: the Docker event stream's state, from the watcher;
+- `owed`: what must still be read from Docker (network ids, REFRESH_*);
+- the Reconciler's `view`, replaced only piece by piece by reads that answered;
+- one Backoff per thing retried (Docker reads, host changes), reset only by its own
+  success.
 """
 
 import gc
@@ -11,41 +19,64 @@ import queue
 import signal
 import time
 
-from . import config as config_mod
 from . import log as log_mod
-from .docker_source import REFRESH_ALL, EventWatcher
+from .docker_source import REFRESH_ALL
 from .errors import EX_CONFIG, EX_OK, ConfigError, PermissionDenied
-from .netlink import Monitor
 from .reconcile import cleanup
 
 log = logging.getLogger(__name__)
 
 STOP, RELOAD, HOST, DOCKER, LOST = "stop", "reload", "host", "docker", "lost"
-MAX_RETRY = 30.0
+STARTING, SERVING = "starting", "serving"
+# How long one pass of the loop may take outside Docker requests (which renew the
+# watchdog lease themselves) before the watchdog may fire.
+STEP_BUDGET = 20.0
+
+
+class Backoff:
+    """When to try one thing again: after `first` seconds, doubling up to `cap`."""
+
+    def __init__(self, clock, first=1.0, cap=4.0):
+        self.clock, self.first, self.cap = clock, first, cap
+        self.delay = first
+        self.due = None
+        self.failures = 0
+
+    def failed(self):
+        self.due = self.clock() + self.delay
+        self.delay = min(self.delay * 2, self.cap)
+        self.failures += 1
+
+    def succeeded(self):
+        self.due, self.delay, self.failures = None, self.first, 0
+
+    def ready(self):
+        return self.due is not None and self.clock() >= self.due
 
 
 class Daemon:
-    def __init__(self, config_path, reconciler, notifier, docker_url, clock=time.monotonic):
+    def __init__(self, config_path, load_config, reconciler, notifier, watchdog, triggers,
+                 watcher, monitor, docker_url, clock=time.monotonic):
         self.config_path = config_path
+        self.load_config = load_config
         self.reconciler = reconciler
         self.notifier = notifier
+        self.watchdog = watchdog
+        self.triggers = triggers
+        self.watcher = watcher
+        self.monitor = monitor
         self.docker_url = docker_url
         self.clock = clock
-        # SimpleQueue.put is reentrant: safe to call from a signal handler.
-        self.triggers = queue.SimpleQueue()
-        self.watcher = EventWatcher(docker_url, lambda scope: self.triggers.put((DOCKER, scope)),
-                                    lambda why: self.triggers.put((LOST, why)))
-        self.monitor = Monitor(lambda: self.triggers.put((HOST, None)),
-                               lambda: self.reconciler.watched)
-        self.ready = False
-        self.started = False          # the first reconcile with Docker's state has run
-        self.docker_up = False
-        self.waiting_message = None
+        self.phase = STARTING
+        self.stream = None            # None: not connected yet; else why it is lost, or "up"
+        self.owed = {REFRESH_ALL}
+        self.docker_retry = Backoff(clock)
+        self.last_docker_error = None
+        self.host_retry = Backoff(clock)
+        self.ready_sent = False
+        self.summary = None           # the last reconcile's one-line summary
         self.last_problems = ()
-        self.status_text = "starting"
-        self.scope = set()
-        self.retry_delay = 1.0
-        self.retry_at = None
+        self.next_resync = clock() + self.config.resync_interval
 
     @property
     def config(self):
@@ -57,36 +88,43 @@ class Daemon:
         signal.signal(signal.SIGHUP, lambda *_: self.triggers.put((RELOAD, None)))
         log.info("macvlan-router starting: Docker at %s, configuration %s",
                  self.docker_url, self.config_path)
+        self.watchdog.renew(STEP_BUDGET)
+        self.watchdog.start()
         self.watcher.start()
         self.monitor.start()
-        next_resync = self.clock() + self.config.resync_interval
-        while True:
-            if self.reconciler.knows_docker and self.triggers.empty():
-                self._warm()
-            kinds = self._wait(next_resync)
-            self.notifier.watchdog()
-            if STOP in kinds:
-                return self._stop()
-            if RELOAD in kinds and self._reload():
-                next_resync = self.clock() + self.config.resync_interval
-            if self.clock() >= next_resync:
-                self.scope.add(REFRESH_ALL)
-                self.reconciler.invalidate_host()
-                next_resync = self.clock() + self.config.resync_interval
-            due = bool(kinds & {HOST, DOCKER, RELOAD}) or self._retry_due()
-            status = self._cycle(force=due)
-            if status is not None:
-                return status
-            if RELOAD in kinds:
-                # After the reconcile, so that `systemctl reload` returns on the new state.
-                self.notifier.ready(self.status_text)
+        status = None
+        while status is None:
+            status = self.step()
+        return status
 
-    def _wait(self, next_resync):
-        """Block for the next trigger, then take every trigger already queued (coalescing)."""
-        deadlines = [next_resync] + ([self.retry_at] if self.retry_at else [])
+    def step(self):
+        """Wait for triggers, act on them; returns an exit status to stop with, or None."""
+        if self.phase is SERVING and self.triggers.empty():
+            self._warm()
+        kinds = self._wait()
+        self.watchdog.renew(STEP_BUDGET)
+        if STOP in kinds:
+            return self._stop()
+        if RELOAD in kinds:
+            self._reload()
+        if self.clock() >= self.next_resync:
+            self.owed.add(REFRESH_ALL)
+            self.reconciler.invalidate_host()
+            self.next_resync = self.clock() + self.config.resync_interval
+        host_changed = bool(kinds & {HOST, RELOAD}) or self.host_retry.ready()
+        docker_changed = self._read_docker(fresh=bool(kinds & {DOCKER, RELOAD}))
+        status = self._reconcile(docker_changed or host_changed)
+        if RELOAD in kinds and status is None:
+            # After the reconcile, so that `systemctl reload` returns on the new state.
+            self.notifier.ready(self._status_text())
+        return status
+
+    def _wait(self):
+        """Block for the next trigger or deadline, then take every trigger already queued."""
+        deadlines = [self.next_resync] + [b.due for b in (self.docker_retry, self.host_retry)
+                                          if b.due is not None]
         timeout = max(0.0, min(deadlines) - self.clock())
-        if self.notifier.watchdog_interval:
-            timeout = min(timeout, self.notifier.watchdog_interval)
+        self.watchdog.renew(timeout + STEP_BUDGET)
         items = []
         try:
             items.append(self.triggers.get(timeout=timeout))
@@ -98,10 +136,10 @@ class Daemon:
         for kind, arg in items:
             kinds.add(kind)
             if kind == DOCKER:
-                self.scope.add(arg)
-                self.docker_up = True
+                self._stream_up()
+                self.owed.add(arg)
             elif kind == LOST:
-                self._docker_lost(arg)
+                self._stream_lost(arg)
             elif kind == HOST:
                 self.reconciler.invalidate_host()
         return kinds
@@ -112,79 +150,90 @@ class Daemon:
         except Exception as exc:  # noqa: BLE001 - only an optimisation; the reconcile reads again
             log.debug("could not read the host ahead of time: %s", exc)
 
-    def _retry_due(self):
-        return self.retry_at is not None and self.clock() >= self.retry_at
+    # Docker ---------------------------------------------------------------------------
 
-    def _docker_lost(self, message):
-        if self.docker_up or self.waiting_message is None:
+    def _stream_up(self):
+        if self.stream not in (None, "up"):
+            log.info("connected to Docker at %s again", self.docker_url)
+        self.stream = "up"
+
+    def _stream_lost(self, message):
+        if self.stream != message:
             log.warning("%s; waiting for it (routes stay as they are)", message)
-        self.docker_up = False
-        self.status_text = self.waiting_message = f"waiting for Docker at {self.docker_url}"
-        if not self.ready:
-            # systemctl start must not hang while Docker is away: ready, but say so.
-            self.notifier.ready(self.waiting_message)
-            self.ready = True
-        else:
-            self.notifier.status(self.waiting_message)
+        self.stream = message
+        self._tell_systemd()
 
-    def _cycle(self, force):
-        """Refresh from Docker if asked, reconcile; returns an exit status to stop with."""
-        started = docker_done = self.clock()
-        if self.scope and self.docker_up:
-            try:
-                self.reconciler.refresh(self.scope)
-            except Exception as exc:  # noqa: BLE001 - Docker said something odd: try again
-                # The event stream decides whether Docker is gone; a failed call on a live
-                # stream (a timeout, an HTTP 500, an odd answer) is retried with backoff.
-                log.warning("reading networks from Docker failed, retrying in %.0f s: %s",
-                            self.retry_delay, exc)
-                self._schedule_retry()
-            else:
-                docker_done = self.clock()
-                self.scope.clear()
-                if self.waiting_message:
-                    log.info("connected to Docker at %s", self.docker_url)
-                self.waiting_message = None
-                force = True
-        if not force or not self.reconciler.knows_docker:
-            return None
-        try:
+    def _read_docker(self, fresh):
+        """Read what is owed, when the stream is up and a new trigger or the retry says so.
+        True when the view may have changed."""
+        if not self.owed or self.stream != "up":
+            return False
+        if self.docker_retry.due is not None and not (fresh or self.docker_retry.ready()):
+            return False
+        started = self.clock()
+        owed, error = self.reconciler.refresh(self.owed)
+        self.owed = owed
+        if error is None:
+            if self.docker_retry.failures:
+                log.info("reading from Docker works again")
+            self.last_docker_error = None
+            self.docker_retry.succeeded()
+        else:
+            self.docker_retry.failed()
+            # Once per kind of failure, not once per retry: a broken engine must not
+            # flood the journal every few seconds.
+            level = logging.WARNING if str(error) != self.last_docker_error else logging.DEBUG
+            self.last_docker_error = str(error)
+            log.log(level, "reading networks from Docker failed (%s); routes stay as they "
+                    "are, retrying every few seconds", error)
+        log.debug("Docker reads took %.1f ms", (self.clock() - started) * 1000)
+        return True
+
+    # the host ---------------------------------------------------------------------------
+
+    def _reconcile(self, changed):
+        """Plan and apply when something changed; returns an exit status or None."""
+        view = self.reconciler.view
+        if self.phase is STARTING:
+            if not view.complete:
+                self._tell_systemd()
+                return None
             outcome = self.reconciler.assess()
-            if not self.started:
-                self.started = True
-                if outcome.errors:
-                    return self._refuse_to_start(outcome)
+            if outcome.errors:
+                return self._refuse_to_start(outcome)
+            self.phase = SERVING
+        elif not changed:
+            return None
+        else:
+            outcome = self.reconciler.assess()
+        started = self.clock()
+        try:
             self.reconciler.apply(outcome)
         except PermissionDenied:
-            raise
-        except Exception as exc:  # noqa: BLE001 - the daemon must outlive a bad cycle
-            log.exception("reconcile failed, retrying in %.0f s: %s", self.retry_delay, exc)
+            raise  # retrying cannot help
+        except Exception as exc:  # noqa: BLE001 - the daemon must outlive a bad apply
+            log.exception("applying the changes failed: %s", exc)
+            outcome.failed = outcome.failed or 1
             self.reconciler.invalidate_host()
-            self._schedule_retry()
-            return None
-        log.debug("reconcile took %.1f ms (Docker %.1f ms), %d changes",
-                  (self.clock() - started) * 1000, (docker_done - started) * 1000,
-                  len(outcome.plan.actions))
-        self._report(outcome)
         if outcome.failed:
-            self._schedule_retry()
+            self.host_retry.failed()
         else:
-            self.retry_at, self.retry_delay = None, 1.0
+            self.host_retry.succeeded()
+        log.debug("reconcile applied %d changes in %.1f ms", len(outcome.plan.actions),
+                  (self.clock() - started) * 1000)
+        self._report(outcome)
         return None
 
     def _refuse_to_start(self, outcome):
-        """Problems at the first reconcile are configuration errors: stop before changing anything."""
+        """Mistakes of the configuration, on a complete view: stop before changing anything."""
         for problem in outcome.errors:
             log.error("%s", problem.message, extra=log_mod.fields(network=problem.network))
         log.error("stopping without changing anything: fix the problems above in %s and "
                   "restart (macvlan-router check shows them)", self.config_path)
         self.notifier.status("configuration error: " + outcome.errors[0].message)
         self.watcher.stop()
+        self.watchdog.stop()
         return EX_CONFIG
-
-    def _schedule_retry(self):
-        self.retry_at = self.clock() + self.retry_delay
-        self.retry_delay = min(self.retry_delay * 2, MAX_RETRY)
 
     def _report(self, outcome):
         if outcome.problems != self.last_problems:
@@ -194,37 +243,60 @@ class Daemon:
                     log.log(level, "%s", problem.message,
                             extra=log_mod.fields(network=problem.network))
             self.last_problems = outcome.problems
-        self.status_text = status = self.waiting_message or outcome.summary()
-        if not self.ready:
-            log.info("ready: %s", status)
-            self.notifier.ready(status)
-            self.ready = True
+        self.summary = outcome.summary()
+        first = not self.ready_sent
+        self._tell_systemd()
+        if first:
+            log.info("ready: %s", self._status_text())
             # What start-up built (imports, pyroute2's compiled message classes) stays
             # for good: keep it out of the collector's way, so its pauses stay short.
             gc.freeze()
-        else:
-            self.notifier.status(status)
+
+    def _waiting(self):
+        """Why Docker's view cannot be trusted now, or None."""
+        if self.stream not in (None, "up"):
+            return f"waiting for Docker at {self.docker_url}"
+        if self.docker_retry.failures:
+            stale = ", ".join(sorted(self.reconciler.view.stale())) or "the network list"
+            return (f"Docker at {self.docker_url} answers badly; waiting for a complete read "
+                    f"of {stale} (routes stay as they are)")
+        return None
+
+    def _status_text(self):
+        return self._waiting() or self.summary or "starting"
+
+    def _tell_systemd(self):
+        """READY=1 once, after the first reconcile or as soon as the daemon knows it must
+        wait for Docker (systemctl start must not hang meanwhile); STATUS= after that."""
+        if self.ready_sent:
+            self.notifier.status(self._status_text())
+        elif self.summary is not None or self._waiting():
+            self.notifier.ready(self._status_text())
+            self.ready_sent = True
+
+    # signals ----------------------------------------------------------------------------
 
     def _reload(self):
-        """Re-read the configuration; True when the new one was taken."""
+        """Re-read the configuration; a bad one is logged and the old one kept."""
         self.notifier.reloading()
         try:
-            new = config_mod.load(self.config_path)
+            new = self.load_config()
         except ConfigError as exc:
             log.error("reload: %s; keeping the previous configuration", exc)
-            return False
+            return
         if new.docker_host != self.config.docker_host:
             log.warning("reload: DOCKER_HOST changes only on restart "
                         "(systemctl restart macvlan-router)")
         self.reconciler.config = new
         log_mod.set_level(new.log_level)
-        self.scope.add(REFRESH_ALL)
+        self.owed.add(REFRESH_ALL)
+        self.next_resync = self.clock() + new.resync_interval
         log.info("reloaded %s", self.config_path)
-        return True
 
     def _stop(self):
         self.notifier.stopping()
         self.watcher.stop()
+        self.watchdog.stop()
         if self.config.cleanup_on_exit:
             failed, _ = cleanup(self.reconciler.netlink)
             log.info("stopped%s", f"; {failed} removals failed" if failed else

@@ -4,10 +4,12 @@ No I/O here. Every decision that can go wrong for the user becomes a Problem
 whose message names the network, the setting, the value and the fix.
 """
 
+import dataclasses
 import hashlib
 import ipaddress
 from collections import defaultdict
 
+from . import safety
 from .config import IFNAMSIZ
 from .model import LINK_ALIAS, Desired, ManagedNetwork, Problem, RouteSpec, ShimSpec
 
@@ -102,6 +104,14 @@ def compute(config, networks, host):
     problems = []
     shims, routes, managed = {}, {}, []
     host_ips = _host_ips(host)
+    networks = [_servable(network, problems) for network in networks]
+    # Our shims' addresses are not in host_ips: they are derived from the desired state,
+    # and _route_endpoint refuses a shim's own address by itself.
+    facts = safety.HostFacts(
+        addresses=frozenset(host_ips),
+        default_gateways=host.default_gateways(),
+        subnets=tuple((subnet, frozenset(g for g in n.gateways if g in subnet))
+                      for n in networks for subnet in n.subnets))
     by_parent = defaultdict(list)
     for network in networks:
         if network.parent:
@@ -116,14 +126,13 @@ def compute(config, networks, host):
         parent_link = host.link(parent)
         if name is None or parent_link is None:
             if name is not None:
-                # Named in the configuration: a mistake to fix. Found by "every macvlan
-                # network": a stale network, which must not stop the others.
+                # The host's doing (a VLAN link not created yet, a renamed NIC), not the
+                # configuration's: it costs this network only, also when named.
                 for network in members:
                     problems.append(Problem(
                         f"network {network.name}: its parent interface {parent} does not "
                         f"exist on this host; create {parent} or recreate the network with "
-                        "-o parent=<an existing interface>", network.name,
-                        kind="error" if config.networks else "warning"))
+                        "-o parent=<an existing interface>", network.name, kind="warning"))
             managed.extend(ManagedNetwork(n, None) for n in members)
             continue
         if not parent_link.up:
@@ -143,8 +152,8 @@ def compute(config, networks, host):
             for endpoint in network.endpoints:
                 for address in (endpoint.ipv4, endpoint.ipv6):
                     if address is not None:
-                        _route_endpoint(config, network, endpoint, address, sources, name,
-                                        host_ips, routes, problems)
+                        _route_endpoint(network, endpoint, address, sources, name,
+                                        host_ips, facts, routes, problems)
         if shim_addresses:
             shims[name] = ShimSpec(name=name, parent=parent,
                                    mac=stable_mac(host.machine_id, parent),
@@ -152,9 +161,24 @@ def compute(config, networks, host):
 
     _outside_addresses(config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
     _outside_addresses(config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
-    _additional_routes(config.additional_routes, shims, managed, routes, problems)
+    _additional_routes(config.additional_routes, shims, managed, facts, routes, problems)
     return Desired(shims=shims, routes=routes, networks=tuple(managed),
                    problems=tuple(problems))
+
+
+def _servable(network, problems):
+    """The network without subnets too wide to be a LAN (an engine's odd answer)."""
+    wide = [s for s in network.subnets if safety.too_wide(s)]
+    for subnet in wide:
+        problems.append(Problem(
+            f"network {network.name}: Docker reports the subnet {subnet}, wider than "
+            f"/{safety.WIDEST[subnet.version]}; routing it via a shim would take over the "
+            "host's general traffic, so it is not served. Recreate the network with its "
+            "LAN's real subnet", network.name, kind="warning"))
+    if not wide:
+        return network
+    return dataclasses.replace(network, subnets=tuple(
+        s for s in network.subnets if s not in wide))
 
 
 def _host_ips(host):
@@ -183,6 +207,13 @@ def _shim_names(config, parents, host, problems):
                 + " ".join(f"{p}={names[p]}" for p in parents), kind="warning"))
     taken = {}
     for parent in parents:
+        if names[parent] in parents or names[parent] == "lo":
+            problems.append(Problem(
+                f"MACVLAN_BRIDGE_INTERFACE_NAME would name the shim on {parent} "
+                f"{names[parent]}, which is a network's parent interface; choose a free name, "
+                f"e.g. {parent}={default_shim_name(parent)}"))
+            names[parent] = None
+            continue
         other = taken.setdefault(names[parent], parent)
         if other != parent:
             problems.append(Problem(
@@ -219,7 +250,7 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
     if generated is None:
         problems.append(Problem(
             f"network {network.name} ({subnet} on {parent}): the subnet has no room for a "
-            "generated shim address; set MACVLAN_BRIDGE_IP6", network.name))
+            "generated shim address; set MACVLAN_BRIDGE_IP6", network.name, kind="warning"))
     return generated
 
 
@@ -231,7 +262,19 @@ def _checked(address, key, network, problems):
             f"{what} is the gateway of network {network.name} (the LAN's router); "
             + ("choose a free address" if key else
                f"set MACVLAN_BRIDGE_IP to a free address of {network.name}'s subnet"),
-            network.name))
+            network.name, kind="error" if key else "warning"))
+        return None
+    edge = next((f"the {name} address of {subnet}" for subnet in network.subnets
+                 if subnet.version == 4 and subnet.prefixlen < 31 and address in subnet
+                 for name, value in (("network", subnet.network_address),
+                                     ("broadcast", subnet.broadcast_address))
+                 if address == value), None)
+    if edge:
+        problems.append(Problem(
+            f"{what} is {edge} of network {network.name}, which no host may use; "
+            + ("give a free host address of the subnet" if key else
+               f"set MACVLAN_BRIDGE_IP to a free address of {network.name}'s subnet"),
+            network.name, kind="error" if key else "warning"))
         return None
     pools = [r for r in network.ip_ranges if r.version == address.version] or \
         [s for s in network.subnets if s.version == address.version]
@@ -244,7 +287,7 @@ def _checked(address, key, network, problems):
     return address
 
 
-def _route_endpoint(config, network, endpoint, address, sources, shim, host_ips, routes,
+def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts, routes,
                     problems):
     subnet = next((s for s in sources if address in s), None)
     if subnet is None:
@@ -257,23 +300,35 @@ def _route_endpoint(config, network, endpoint, address, sources, shim, host_ips,
                          f", or set MACVLAN_BRIDGE_IP{six} to another free address")
                         if address == source else
                         (f"the host's own address on {host_ips[address]}", ""))
-        # Only an address the configuration chose is the user's mistake; Docker handing
-        # out the host's address costs that one container its route, nothing more.
-        chosen = address in config.bridge_ips or address in config.bridge_ip6s
+        # Docker handed out an address it should not have: that costs this container its
+        # route, never the service (a restart would otherwise stop on it).
         problems.append(Problem(
             f"{who} holds {address}, {owner}; that container is not routed. Keep Docker "
             f"off it (docker network create ... --aux-address host={address}){other}",
-            network.name, kind="error" if chosen else "warning"))
+            network.name, kind="warning"))
         return
     dst = ipaddress.ip_network(address)
     if dst in routes:
         problems.append(Problem(
             f"{who} holds {address}, which network {routes[dst].network} also routes; "
-            "overlapping subnets on two parents cannot both be reached", network.name))
+            "overlapping subnets on two parents cannot both be reached, so only the first "
+            "is routed", network.name, kind="warning"))
         return
-    routes[dst] = RouteSpec(dst=dst, shim=shim, src=source, network=network.name,
-                            container_id=endpoint.container_id,
-                            container_name=endpoint.container_name)
+    _want_route(RouteSpec(dst=dst, shim=shim, src=source, network=network.name,
+                          container_id=endpoint.container_id,
+                          container_name=endpoint.container_name),
+                facts, routes, problems,
+                lambda reason: f"{who} holds {address}, which is not routed: {reason}")
+
+
+def _want_route(spec, facts, routes, problems, refused, kind="warning"):
+    """Add `spec` to `routes` unless the route-safety policy refuses it: the one gate
+    every route passes."""
+    reason = safety.refusal(spec.dst, facts)
+    if reason:
+        problems.append(Problem(refused(reason), spec.network or None, kind=kind))
+        return
+    routes[spec.dst] = spec
 
 
 def _outside_addresses(configured, key, networks, problems):
@@ -286,7 +341,7 @@ def _outside_addresses(configured, key, networks, problems):
                 f"({listing}); use a free address inside one of them"))
 
 
-def _additional_routes(prefixes, shims, managed, routes, problems):
+def _additional_routes(prefixes, shims, managed, facts, routes, problems):
     subnets = [(s, m.shim) for m in managed if m.shim in shims for s in m.network.subnets]
     for prefix in prefixes:
         family = [(subnet, shim) for subnet, shim in subnets if subnet.version == prefix.version]
@@ -306,5 +361,9 @@ def _additional_routes(prefixes, shims, managed, routes, problems):
         preferred = [ip for ip in own if any(ip in subnet for subnet, _ in inside)]
         if prefix in routes or not own:
             continue
-        routes[prefix] = RouteSpec(dst=prefix, shim=shim.name, src=(preferred or own)[0],
-                                   network="ADDITIONAL_ROUTES")
+        _want_route(RouteSpec(dst=prefix, shim=shim.name, src=(preferred or own)[0],
+                              network="ADDITIONAL_ROUTES"),
+                    facts, routes, problems,
+                    lambda reason, prefix=prefix: (
+                        f"ADDITIONAL_ROUTES entry {prefix} is not routed: {reason}; remove it "
+                        "or list a narrower prefix"), kind="error")

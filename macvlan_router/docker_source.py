@@ -2,15 +2,15 @@
 
 import ipaddress
 import logging
-import os
 import threading
-import time
+from dataclasses import dataclass
+from typing import Tuple
 
 import docker
 import requests
 
 from .errors import DockerUnavailable
-from .model import Endpoint, Network
+from .model import Endpoint, Network, Problem
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,14 @@ REFRESH_ENDPOINTS = "endpoints"  # inspect every managed network again
 # docker-py raises its own errors, requests', urllib3's and plain OSErrors
 # depending on where the connection broke; all mean "Docker is not there".
 UNREACHABLE = (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
+# A read can also fail on what came back: a body that is not JSON, or cut short.
+FAILED = UNREACHABLE + (ValueError,)
 
 
 def docker_host(config):
-    return config.docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    # Not os.environ: a DOCKER_HOST in a user's shell is meant for the docker CLI, and
+    # config.py takes DOCKER_HOST from the configuration file only.
+    return config.docker_host or DEFAULT_DOCKER_HOST
 
 
 def _client(url):
@@ -44,6 +48,8 @@ def _client(url):
 
 def describe_unreachable(url, exc):
     text = str(exc)
+    if isinstance(exc, docker.errors.APIError) or isinstance(exc, ValueError):
+        return f"Docker at {url} answered badly ({_brief(text, 200)}); retrying"
     if "Permission denied" in text or "PermissionError" in text:
         hint = "the user running macvlan-router needs to be in the docker group"
     elif "No such file" in text or "FileNotFoundError" in text or "Connection refused" in text:
@@ -53,48 +59,166 @@ def describe_unreachable(url, exc):
     return f"cannot reach Docker at {url}: {hint}"
 
 
-def _subnets(raw):
-    return tuple(ipaddress.ip_network(s, strict=False) for s in _ipam(raw, "Subnet"))
-
-
-def _ipam(raw, key):
-    return [entry[key] for entry in (raw.get("IPAM") or {}).get("Config") or [] if entry.get(key)]
-
-
-def _address(text):
-    return ipaddress.ip_interface(text).ip if text else None
-
-
 def to_network(raw, by_name):
-    """Translate one `docker network inspect` result, following --config-from."""
+    """Translate one `docker network inspect` (or list) record, following --config-from.
+
+    Returns (Network or None, problems). Whatever the engine sends, a bad field costs
+    only itself: a bad address or subnet is left out with a warning that names the
+    network, the container and the field; a record without a usable Id or Name is None.
+    """
+    if not isinstance(raw, dict):
+        return None, [_odd(f"a network record that is not an object ({_brief(raw)})")]
+    net_id, name = raw.get("Id"), raw.get("Name")
+    for field, value in (("Id", net_id), ("Name", name)):
+        if not isinstance(value, str) or not value:
+            return None, [_odd(f"a network record without a usable {field} "
+                               f"({_brief(raw)}); it is skipped")]
+    problems = []
+    bad = _Complaints(f"network {name}", name, problems)
     source = raw
-    config_from = (raw.get("ConfigFrom") or {}).get("Network")
+    config_from = _mapping(raw.get("ConfigFrom"), bad, "ConfigFrom").get("Network")
     if config_from:
         source = by_name.get(config_from, {})
-    endpoints = tuple(
-        Endpoint(container_id=cid, container_name=(info.get("Name") or cid[:12]),
-                 ipv4=_address(info.get("IPv4Address")), ipv6=_address(info.get("IPv6Address")))
-        for cid, info in sorted((raw.get("Containers") or {}).items())
-        if not cid.startswith("ep-"))  # ep-*: endpoints of other swarm nodes
+    options = _mapping(source.get("Options"), bad, "Options")
+    parent = options.get("parent")
+    if parent is not None and not isinstance(parent, str):
+        parent = bad.skip("Options.parent", parent)
+    ipam = _ipam_entries(source, bad)
     return Network(
-        id=raw["Id"],
-        name=raw["Name"],
-        driver=raw.get("Driver") or "",
-        parent=(source.get("Options") or {}).get("parent"),
-        subnets=_subnets(source),
-        endpoints=endpoints,
-        gateways=frozenset(ipaddress.ip_interface(g).ip for g in _ipam(source, "Gateway")),
-        aux_addresses=frozenset(ipaddress.ip_address(a) for aux in _ipam(source, "AuxiliaryAddresses")
-                                for a in aux.values()),
-        ip_ranges=tuple(ipaddress.ip_network(r, strict=False) for r in _ipam(source, "IPRange")),
-        labels=tuple(sorted((raw.get("Labels") or {}).items())))
+        id=net_id,
+        name=name,
+        driver=raw.get("Driver") if isinstance(raw.get("Driver"), str) else "",
+        parent=parent or None,
+        subnets=tuple(_parsed(ipam, "Subnet", _prefix, bad)),
+        endpoints=_endpoints(raw, name, problems),
+        gateways=frozenset(_parsed(ipam, "Gateway", _host, bad)),
+        aux_addresses=frozenset(
+            address for entry in ipam
+            for key, text in _mapping(entry.get("AuxiliaryAddresses"), bad,
+                                      "IPAM.Config.AuxiliaryAddresses").items()
+            for address in _parsed([{key: text}], key, _host, bad)),
+        ip_ranges=tuple(_parsed(ipam, "IPRange", _prefix, bad)),
+        labels=tuple(sorted((str(k), str(v)) for k, v in
+                            _mapping(raw.get("Labels"), bad, "Labels").items())),
+    ), problems
+
+
+class _Complaints:
+    """Collects one warning per bad field, all worded the same way."""
+
+    def __init__(self, subject, network, problems):
+        self.subject, self.network, self.problems = subject, network, problems
+
+    def skip(self, field, value, what="left out"):
+        self.problems.append(Problem(
+            f"{self.subject}: Docker reports {field}={_brief(value)}, which is not valid; it "
+            f"is {what} (routes it may have had are kept until Docker reports it correctly)",
+            self.network, kind="warning"))
+        return None
+
+
+def _odd(what):
+    return Problem(f"Docker returned {what}; routes it may own are kept", kind="warning")
+
+
+def _brief(value, limit=80):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _mapping(value, bad, field):
+    if value is None or isinstance(value, dict):
+        return value or {}
+    bad.skip(field, value, "ignored")
+    return {}
+
+
+def _ipam_entries(source, bad):
+    entries = _mapping(source.get("IPAM"), bad, "IPAM").get("Config") or []
+    if not isinstance(entries, list):
+        bad.skip("IPAM.Config", entries, "ignored")
+        return []
+    return [entry for entry in entries if isinstance(entry, dict) or bad.skip(
+        "IPAM.Config entry", entry)]
+
+
+def _parsed(entries, key, parse, bad):
+    for entry in entries:
+        text = entry.get(key)
+        if not text:
+            continue
+        value = parse(text)
+        if value is None:
+            bad.skip(key, text)
+        else:
+            yield value
+
+
+def _prefix(text):
+    try:
+        return ipaddress.ip_network(text, strict=False) if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
+def _host(text):
+    """An address, with or without a prefix length (Docker writes both)."""
+    try:
+        return ipaddress.ip_interface(text).ip if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
+def _endpoints(raw, network, problems):
+    containers = raw.get("Containers")
+    if containers is None:
+        return ()
+    bad = _Complaints(f"network {network}", network, problems)
+    if not isinstance(containers, dict):
+        bad.skip("Containers", containers, "ignored")
+        return ()
+    endpoints = []
+    for cid, info in sorted(containers.items()):
+        if cid.startswith("ep-"):
+            continue  # endpoints of other swarm nodes
+        if not isinstance(info, dict):
+            bad.skip(f"Containers[{cid[:12]}]", info)
+            continue
+        name = info.get("Name") if isinstance(info.get("Name"), str) and info["Name"] \
+            else cid[:12]
+        mine = _Complaints(f"container {name} ({cid[:12]}) on network {network}", network,
+                           problems)
+        addresses = {}
+        for field, version in (("IPv4Address", 4), ("IPv6Address", 6)):
+            text = info.get(field)
+            address = _host(text) if text else None
+            if text and (address is None or address.version != version):
+                address = mine.skip(field, text)
+            addresses[version] = address
+        endpoints.append(Endpoint(container_id=cid, container_name=name,
+                                  ipv4=addresses[4], ipv6=addresses[6]))
+    return tuple(endpoints)
+
+
+@dataclass(frozen=True)
+class Listing:
+    """Docker's network list: what translated, the warnings, and how many records did not."""
+
+    networks: Tuple[Network, ...]
+    problems: Tuple[Problem, ...] = ()
+    unreadable: int = 0
 
 
 class DockerSource:
-    """Reads networks for reconciles. One client per thread: docker-py is not thread-safe."""
+    """Reads networks for reconciles. One client per thread: docker-py is not thread-safe.
 
-    def __init__(self, url):
+    `before_call()` runs before every request: the daemon renews its watchdog lease
+    there, so a slow but answering engine never gets it killed.
+    """
+
+    def __init__(self, url, before_call=lambda: None):
         self.url = url
+        self.before_call = before_call
         self._api = None
         self._raw = {}  # network name -> list entry, for --config-from lookups
 
@@ -108,26 +232,51 @@ class DockerSource:
             self._api.close()
         self._api = None
 
+    def _call(self, method, *args):
+        self.before_call()
+        try:
+            return getattr(self._connected(), method)(*args)
+        except docker.errors.NotFound:
+            raise
+        except FAILED as exc:
+            self.disconnect()
+            raise DockerUnavailable(describe_unreachable(self.url, exc)) from None
+
     def list_networks(self):
         """Every network, without endpoints (the list call does not return them)."""
-        try:
-            raw = self._connected().networks()
-        except UNREACHABLE as exc:
-            self.disconnect()
-            raise DockerUnavailable(describe_unreachable(self.url, exc)) from None
-        self._raw = {entry["Name"]: entry for entry in raw}
-        return [to_network(entry, self._raw) for entry in raw if not entry.get("ConfigOnly")]
+        raw = self._call("networks")
+        if not isinstance(raw, list):
+            raise DockerUnavailable(
+                f"Docker at {self.url} answered the network list with {_brief(raw)}, not a "
+                "list; retrying")
+        self._raw = {entry["Name"]: entry for entry in raw
+                     if isinstance(entry, dict) and isinstance(entry.get("Name"), str)}
+        networks, problems, unreadable = [], [], 0
+        for entry in raw:
+            if isinstance(entry, dict) and entry.get("ConfigOnly"):
+                continue
+            network, complaints = to_network(entry, self._raw)
+            problems.extend(complaints)
+            if network is None:
+                unreadable += 1
+            else:
+                networks.append(network)
+        return Listing(tuple(networks), tuple(problems), unreadable)
 
     def inspect(self, network_id):
-        """The network with its endpoints, or None if it vanished meanwhile."""
+        """(the network with its endpoints, warnings), or (None, ()) if it is gone.
+
+        A record that does not translate at all is a failed read (DockerUnavailable):
+        the caller keeps what it knew and retries."""
         try:
-            raw = self._connected().inspect_network(network_id)
+            raw = self._call("inspect_network", network_id)
         except docker.errors.NotFound:
-            return None
-        except UNREACHABLE as exc:
-            self.disconnect()
-            raise DockerUnavailable(describe_unreachable(self.url, exc)) from None
-        return to_network(raw, self._raw)
+            return None, ()
+        network, problems = to_network(raw, self._raw)
+        if network is None:
+            raise DockerUnavailable(f"reading network {network_id[:12]} from Docker at "
+                                    f"{self.url}: " + "; ".join(p.message for p in problems))
+        return network, tuple(problems)
 
 
 class EventWatcher:
@@ -176,10 +325,8 @@ class EventWatcher:
                 self.on_event(REFRESH_ALL)
                 delay = 0.2
                 for event in stream:
-                    log.debug("Docker event %s %s %s, %.1f ms old", event.get("Type"),
-                              event.get("Action"), (event.get("Actor") or {}).get("ID", "")[:12],
-                              (time.time_ns() - event.get("timeNano", 0)) / 1e6)
                     scope = classify(event)
+                    log.debug("Docker event %.200r: refresh %s", event, scope)
                     if scope is not None:
                         self.on_event(scope)
                 message = f"lost the event stream from Docker at {self.url}"
@@ -200,12 +347,16 @@ def classify(event):
     """What a reconcile must re-read for this event; None when it changes nothing for us.
 
     The filter lets container create/destroy through too (Docker ANDs filter keys,
-    so "create" cannot be limited to networks).
+    so "create" cannot be limited to networks). An event of an odd shape asks for a
+    re-read of everything rather than being trusted or dropped.
     """
-    kind = event.get("Type")
-    action = event.get("Action", "")
+    if not isinstance(event, dict):
+        return REFRESH_ALL
+    kind, action = event.get("Type"), event.get("Action")
+    actor = event.get("Actor") if isinstance(event.get("Actor"), dict) else {}
     if kind == "network" and action in ("connect", "disconnect"):
-        return (event.get("Actor") or {}).get("ID") or REFRESH_ENDPOINTS
+        network_id = actor.get("ID")
+        return network_id if isinstance(network_id, str) and network_id else REFRESH_ENDPOINTS
     if kind == "network":
         return REFRESH_ALL
     if kind == "container" and action in ("start", "die"):

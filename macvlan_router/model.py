@@ -81,6 +81,9 @@ class Route:
     src: Optional[ipaddress._BaseAddress] = None
     scope: int = 0
     priority: int = 0
+    # Next hops (one, or several for a multipath route): the route-safety policy keeps
+    # the host's default gateways off the shims.
+    gateways: Tuple[ipaddress._BaseAddress, ...] = ()
 
     @property
     def owned(self):
@@ -104,6 +107,9 @@ class Host:
 
     def addresses_of(self, name):
         return tuple(a for a in self.addresses if a.ifname == name)
+
+    def default_gateways(self):
+        return frozenset(g for r in self.routes if r.dst.prefixlen == 0 for g in r.gateways)
 
 
 @dataclass(frozen=True)
@@ -143,6 +149,22 @@ class Problem:
 class ManagedNetwork:
     network: Network
     shim: Optional[str]
+
+
+@dataclass(frozen=True)
+class Protection:
+    """Owned routes (and the shims and addresses they need) that must stay even though
+    the desired state lacks them: Docker's view is not complete enough to say they go."""
+
+    prefixes: Tuple[ipaddress._BaseNetwork, ...] = ()
+    reason: str = ""
+
+    def covers(self, dst):
+        return any(dst.version == p.version and dst.subnet_of(p) for p in self.prefixes)
+
+    @property
+    def total(self):
+        return any(p.prefixlen == 0 for p in self.prefixes)
 
 
 @dataclass

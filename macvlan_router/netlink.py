@@ -8,6 +8,7 @@ import socket
 import struct
 import threading
 import time
+from typing import NamedTuple, Optional
 
 from pyroute2 import IPRoute
 from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
@@ -182,13 +183,17 @@ class Netlink:
         family = msg["family"]
         dst = msg.get_attr("RTA_DST") or ("0.0.0.0" if family == socket.AF_INET else "::")
         src = msg.get_attr("RTA_PREFSRC")
+        hops = [msg] + list(msg.get_attr("RTA_MULTIPATH") or ())
+        gateways = tuple(ipaddress.ip_address(hop.get_attr("RTA_GATEWAY")) for hop in hops
+                         if hop.get_attr("RTA_GATEWAY"))
         return Route(
             dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}", strict=False),
             ifname=names.get(msg.get_attr("RTA_OIF")),
             proto=msg["proto"],
             src=ipaddress.ip_address(src) if src else None,
             scope=msg["scope"],
-            priority=msg.get_attr("RTA_PRIORITY") or 0)
+            priority=msg.get_attr("RTA_PRIORITY") or 0,
+            gateways=gateways)
 
     def index(self, name, host):
         link = None if name in self._relinked else host.link(name)
@@ -289,15 +294,78 @@ def _reason(exc):
     return exc.args[1] if len(exc.args) > 1 else str(exc)
 
 
-class Monitor:
-    """Calls `on_change()` when something we care about changes in this namespace.
+class Change(NamedTuple):
+    """One rtnetlink notification, reduced to what the change filter looks at."""
 
-    `watched()` returns (names, indexes) of the links that matter: our shims and the
-    parents of managed networks; None before the first reconcile, meaning "all".
-    Container interfaces come and go on every `docker run` and are ignored, and so
-    are our own route additions. Over-reporting is harmless (the reconcile finds
-    nothing to do) but costs a netlink dump.
+    kind: int
+    index: int = 0
+    name: Optional[str] = None
+    link_state: tuple = ()          # flags, parent, alias, MAC: for links only
+    table: int = MAIN_TABLE
+    proto: int = 0
+    host_route: bool = False        # a /32 or /128 destination
+
+    @classmethod
+    def of(cls, msg):
+        kind = msg["header"]["type"]
+        if kind in (RTM_NEWLINK, RTM_DELLINK):
+            return cls(kind, msg["index"], msg.get_attr("IFLA_IFNAME"), (
+                msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_LINK"),
+                msg.get_attr("IFLA_IFALIAS"), msg.get_attr("IFLA_ADDRESS")))
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            return cls(kind, msg["index"])
+        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            return cls(kind, table=msg.get_attr("RTA_TABLE") or msg["table"],
+                       proto=msg["proto"],
+                       host_route=msg["dst_len"] == (32 if msg["family"] == socket.AF_INET
+                                                     else 128))
+        return cls(kind)
+
+
+class ChangeFilter:
+    """Decides which host changes are worth a reconcile (pure; state: links last seen).
+
+    `watched` is (names, indexes) of the links that matter, our shims and the parents
+    of managed networks, or None before the first reconcile, meaning "all". Container
+    interfaces come and go on every `docker run` and are ignored, and so are our own
+    route additions. Over-reporting is harmless (the reconcile finds nothing to do) but
+    costs a netlink dump; under-reporting leaves a repair to the resync timer.
     """
+
+    def __init__(self):
+        # index -> what we last saw of a link, so that the RTM_NEWLINK a parent gets
+        # whenever Docker adds a container's macvlan on it does not count as a change.
+        self._links = {}
+
+    def forget(self):
+        self._links.clear()
+
+    def relevant(self, change, watched):
+        names, indexes = watched or ((), ())
+        if change.kind in (RTM_NEWLINK, RTM_DELLINK):
+            if watched is not None and change.name not in names:
+                self._links.pop(change.index, None)
+                return False
+            if change.kind == RTM_DELLINK:
+                self._links.pop(change.index, None)
+                return True
+            seen = (change.name, change.link_state)
+            changed = self._links.get(change.index) != seen
+            self._links[change.index] = seen
+            return changed
+        if change.kind in (RTM_NEWADDR, RTM_DELADDR):
+            return watched is None or change.index in indexes
+        if change.kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            if change.table != MAIN_TABLE:
+                return False  # the kernel's local and broadcast routes, for one
+            ours = change.proto == ROUTE_PROTO
+            # Ours deleted: repair. A foreign host route may now block or free one of ours.
+            return (ours and change.kind == RTM_DELROUTE) or (not ours and change.host_route)
+        return False
+
+
+class Monitor:
+    """Calls `on_change()` when something we care about changes in this namespace."""
 
     GROUPS = (RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
               | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE)
@@ -305,9 +373,7 @@ class Monitor:
     def __init__(self, on_change, watched=lambda: None):
         self.on_change = on_change
         self.watched = watched
-        # index -> what we last saw of a link, so that the RTM_NEWLINK a parent gets
-        # whenever Docker adds a container's macvlan on it does not count as a change.
-        self._links = {}
+        self.filter = ChangeFilter()
         self.thread = threading.Thread(target=self._run, name="netlink-monitor", daemon=True)
 
     def start(self):
@@ -322,39 +388,25 @@ class Monitor:
                     # Anything may have changed while we were not listening.
                     self.on_change()
                     delay = 0.1
-                    while True:
-                        messages = ipr.get()
-                        if any(self._relevant(msg) for msg in messages):
-                            self.on_change()
+                    self._listen(ipr)
             except Exception as exc:  # noqa: BLE001 - a lost monitor must come back
                 log.warning("netlink monitor restarting after: %s", exc)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _relevant(self, msg):
-        kind = msg["header"]["type"]
-        watched = self.watched()
-        names, indexes = watched or ((), ())
-        if kind in (RTM_NEWLINK, RTM_DELLINK):
-            name = msg.get_attr("IFLA_IFNAME")
-            if watched is not None and name not in names:
-                self._links.pop(msg["index"], None)
-                return False
-            if kind == RTM_DELLINK:
-                self._links.pop(msg["index"], None)
-                return True
-            seen = (name, msg["flags"] & (IFF_UP | IFF_LOWER_UP), msg.get_attr("IFLA_LINK"),
-                    msg.get_attr("IFLA_IFALIAS"), msg.get_attr("IFLA_ADDRESS"))
-            changed = self._links.get(msg["index"]) != seen
-            self._links[msg["index"]] = seen
-            return changed
-        if kind in (RTM_NEWADDR, RTM_DELADDR):
-            return watched is None or msg["index"] in indexes
-        if kind in (RTM_NEWROUTE, RTM_DELROUTE):
-            if (msg.get_attr("RTA_TABLE") or msg["table"]) != MAIN_TABLE:
-                return False  # the kernel's local and broadcast routes, for one
-            ours = msg["proto"] == ROUTE_PROTO
-            host_route = msg["dst_len"] == (32 if msg["family"] == socket.AF_INET else 128)
-            # Ours deleted: repair. A foreign host route may now block or free one of ours.
-            return (ours and kind == RTM_DELROUTE) or (not ours and host_route)
-        return False
+    def _listen(self, ipr):
+        while True:
+            try:
+                messages = ipr.get()
+            except (OSError, NetlinkError) as exc:
+                if errno.ENOBUFS not in (getattr(exc, "errno", None), getattr(exc, "code", None)):
+                    raise
+                # The kernel dropped notifications we were too slow to read: any of
+                # them may have mattered, so re-read the whole host.
+                log.warning("the netlink monitor fell behind and the kernel dropped host "
+                            "changes (ENOBUFS); re-reading the whole host")
+                self.filter.forget()
+                self.on_change()
+                continue
+            if any(self.filter.relevant(Change.of(msg), self.watched()) for msg in messages):
+                self.on_change()

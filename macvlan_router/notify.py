@@ -2,6 +2,8 @@
 
 import os
 import socket
+import threading
+import time
 
 
 class Notifier:
@@ -14,7 +16,9 @@ class Notifier:
             address = "\0" + address[1:]  # abstract namespace
         self.address = address or None
         self.watchdog_interval = self._watchdog_interval(environ)
-        self._socket = None
+        # Made once: the watchdog thread and the main loop both send on it.
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) \
+            if self.address else None
 
     @staticmethod
     def _watchdog_interval(environ):
@@ -33,8 +37,6 @@ class Notifier:
             return
         message = "\n".join(f"{key}={value}" for key, value in fields.items()).encode()
         try:
-            if self._socket is None:
-                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             self._socket.sendto(message, self.address)
         except OSError:
             pass  # systemd gone (shutdown) or socket not ours: nothing useful to do
@@ -54,3 +56,38 @@ class Notifier:
     def watchdog(self):
         if self.watchdog_interval is not None:
             self.send(WATCHDOG=1)
+
+
+class Watchdog:
+    """Pings systemd's watchdog from a thread for as long as the main loop's lease runs.
+
+    The main loop renews the lease before each step that may block (waiting for a
+    trigger, a Docker request, a netlink change), for as long as that step may take.
+    A slow but answering engine therefore never gets the daemon killed, while a loop
+    stuck past its lease stops the pings and systemd restarts it.
+    """
+
+    def __init__(self, notifier, clock=time.monotonic):
+        self.notifier = notifier
+        self.clock = clock
+        self._until = 0.0
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
+
+    def renew(self, seconds):
+        self._until = max(self._until, self.clock() + seconds)
+
+    def alive(self):
+        return self.clock() < self._until
+
+    def start(self):
+        if self.notifier.watchdog_interval is not None:
+            self.thread.start()
+
+    def stop(self):
+        self._stop.set()
+
+    def _run(self):
+        while not self._stop.wait(self.notifier.watchdog_interval / 2):
+            if self.alive():
+                self.notifier.watchdog()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional, Tuple
 
 from .desired import stable_mac
-from .model import LINK_ALIAS, ROUTE_PROTO_NAME, Problem
+from .model import LINK_ALIAS, ROUTE_PROTO_NAME, Problem, Protection
 
 SCOPE_UNIVERSE = 0
 SCOPE_LINK = 253
@@ -107,6 +107,8 @@ class Plan:
     problems: Tuple[Problem, ...] = ()
     # Routes waiting for their IPv6 source to finish duplicate address detection.
     pending: int = 0
+    # Deletions held back by the Protection (Docker's view was not complete).
+    kept: int = 0
 
 
 def owned_shims(host):
@@ -120,14 +122,18 @@ def owned_shims(host):
                                                host.link_name(link.parent_index))))}
 
 
-def compute(desired, host):
-    """Return the Plan that turns `host` into `desired`, touching only what we own."""
+def compute(desired, host, protection=Protection()):
+    """Return the Plan that turns `host` into `desired`, touching only what we own and
+    deleting nothing that `protection` covers."""
     problems = []
     ours = owned_shims(host)
-    drop, create = [], []
+    owned_routes = {r.dst: r for r in host.routes if r.owned}
+    drop, create, kept = [], [], set()
     for name, link in ours.items():
         spec = desired.shims.get(name)
-        if spec is None or host.link_name(link.parent_index) != spec.parent \
+        if spec is None and _protected_link(name, host, owned_routes, protection):
+            kept.add(name)
+        elif spec is None or host.link_name(link.parent_index) != spec.parent \
                 or link.macvlan_mode not in (None, "bridge"):
             drop.append(name)
     usable = {}
@@ -135,23 +141,26 @@ def compute(desired, host):
         link = host.link(name)
         if link is not None and name not in ours:
             problems.append(Problem(
-                f"interface {name} exists but was not created by macvlan-router; remove it "
-                f"(ip link del {name}) or choose another name with "
-                "MACVLAN_BRIDGE_INTERFACE_NAME"))
+                f"interface {name} exists but was not created by macvlan-router, so it is "
+                "left alone and no shim is made on "
+                f"{spec.parent}; choose another shim name with "
+                f"MACVLAN_BRIDGE_INTERFACE_NAME={spec.parent}=<a free name>"))
             continue
         if link is None or name in drop:
             create.append(spec)
         usable[name] = spec
 
     actions = []
-    owned_routes = {r.dst: r for r in host.routes if r.owned}
     foreign = {r.dst for r in host.routes if not r.owned}
     for dst, route in sorted(owned_routes.items(), key=_route_key):
         want = desired.routes.get(dst)
         if route.ifname in drop:
             continue  # Goes with its link.
         if want is None or want.shim not in usable:
-            actions.append(RouteDel(route))
+            if protection.covers(dst):
+                kept.add(dst)
+            else:
+                actions.append(RouteDel(route))
     actions.extend(LinkDel(name) for name in sorted(drop))
     actions.extend(LinkAdd(spec.name, spec.parent, spec.mac) for spec in create)
 
@@ -172,7 +181,10 @@ def compute(desired, host):
         present = {} if fresh else {a.interface: a for a in host.addresses_of(name)
                                     if not a.ip.is_link_local}
         for interface in sorted(set(present) - spec.addresses, key=_address_key):
-            actions.append(AddrDel(name, interface))
+            if protection.covers(interface.network) or protection.total:
+                kept.add(interface)
+            else:
+                actions.append(AddrDel(name, interface))
         for interface in sorted(spec.addresses - set(present), key=_address_key):
             actions.append(AddrAdd(name, interface))
         for interface in spec.addresses & set(present):
@@ -181,7 +193,7 @@ def compute(desired, host):
                 problems.append(Problem(
                     f"the shim's IPv6 address {address.ip} on {name} failed duplicate address "
                     "detection: another host on the LAN uses it; set MACVLAN_BRIDGE_IP6 to a "
-                    "free address"))
+                    "free address", kind="warning"))
             elif not address.tentative:
                 ready_sources.add((name, address.ip))
         ready_sources.update((name, a.ip) for a in spec.addresses if a.version == 4)
@@ -203,7 +215,18 @@ def compute(desired, host):
         if have is None or have.ifname != spec.shim or have.src != spec.src \
                 or spec.shim in drop:
             actions.append(RouteReplace(spec))
-    return Plan(actions=tuple(actions), problems=tuple(problems), pending=pending)
+    if kept:
+        problems.append(Problem(
+            f"keeping {len(kept)} route(s), shim(s) or address(es) that Docker's networks no "
+            f"longer seem to need: {protection.reason}", kind="waiting"))
+    return Plan(actions=tuple(actions), problems=tuple(problems), pending=pending,
+                kept=len(kept))
+
+
+def _protected_link(name, host, owned_routes, protection):
+    return protection.total or any(
+        protection.covers(r.dst) for r in owned_routes.values() if r.ifname == name) or any(
+        protection.covers(a.interface.network) for a in host.addresses_of(name))
 
 
 def _route_key(item):

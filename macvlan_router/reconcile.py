@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from . import desired as desired_state
 from . import plan as plan_mod
 from .docker_source import REFRESH_ALL, REFRESH_ENDPOINTS
+from .errors import DockerUnavailable
 from .log import fields
 from .model import Desired, Host
+from .view import View
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +45,13 @@ class Outcome:
 
 
 class Reconciler:
+    """Docker's view (view.View), the host as last read, and one reconcile pass over both."""
+
     def __init__(self, config, docker, netlink):
         self.config = config
         self.docker = docker
         self.netlink = netlink
-        self._all = None        # every network, from the last list call
-        self._managed = {}      # id -> inspected Network, for the managed ones
-        self._selection_problems = []
+        self.view = View()
         # The host as last read. Netlink tells the daemon when it changes
         # (invalidate_host); keeping it saves a full dump on every Docker event.
         self._host = None
@@ -73,36 +75,38 @@ class Reconciler:
         self.watched = (self._watched_names, frozenset(
             link.index for link in host.links if link.name in self._watched_names))
 
-    @property
-    def knows_docker(self):
-        return self._all is not None
-
     def refresh(self, scope):
-        """Re-read from Docker what `scope` names: REFRESH_ALL, REFRESH_ENDPOINTS or network ids.
+        """Re-read from Docker what `scope` names (REFRESH_ALL, REFRESH_ENDPOINTS or network
+        ids). Returns (what is still owed, the DockerUnavailable that stopped the pass):
+        (set(), None) when every read answered.
 
-        Raises DockerUnavailable; the cache then stays as it was, so a Docker
-        restart never makes us drop routes.
+        Each piece of the view is replaced only by a read of it that answered; the first
+        failed read ends the pass (the engine is struggling: ask it nothing more now) and
+        leaves its network stale, with its last endpoints.
         """
-        if self._all is None or REFRESH_ALL in scope:
-            self._all = self.docker.list_networks()
-        selected, self._selection_problems = desired_state.select_networks(
-            self.config.networks, self._all)
-        every = bool({REFRESH_ALL, REFRESH_ENDPOINTS} & set(scope))
-        managed = {}
-        for network in selected:
-            if every or network.id in scope or network.id not in self._managed:
-                fresh = self.docker.inspect(network.id)
-                if fresh is not None:
-                    managed[network.id] = fresh
-            else:
-                managed[network.id] = self._managed[network.id]
-        self._managed = managed
+        scope = set(scope)
+        try:
+            if not self.view.listed or REFRESH_ALL in scope:
+                listing = self.docker.list_networks()
+                self.view = self.view.after_list(listing, self.config.networks)
+                scope = (scope - {REFRESH_ALL}) | {REFRESH_ENDPOINTS}
+        except DockerUnavailable as exc:
+            return scope, exc
+        every = REFRESH_ENDPOINTS in scope
+        due = [network_id for network_id, record in sorted(self.view.records.items())
+               if every or network_id in scope or record.stale]
+        for position, network_id in enumerate(due):
+            try:
+                self.view = self.view.after_inspect(network_id, *self.docker.inspect(network_id))
+            except DockerUnavailable as exc:
+                self.view = self.view.after_failed_inspect(network_id, str(exc))
+                return set(due[position:]), exc
+        return set(), None
 
     def compute(self, host):
-        networks = sorted(self._managed.values(), key=lambda n: (n.name, n.id))
-        want = desired_state.compute(self.config, networks, host)
-        plan = plan_mod.compute(want, host)
-        problems = tuple(self._selection_problems) + want.problems + plan.problems
+        want = desired_state.compute(self.config, self.view.networks(), host)
+        plan = plan_mod.compute(want, host, self.view.protection())
+        problems = self.view.problems() + want.problems + plan.problems
         return Outcome(desired=want, plan=plan, host=host, problems=problems)
 
     def assess(self):

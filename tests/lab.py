@@ -467,11 +467,15 @@ class Lab:
                     e[k] = str(v)
         return e
 
-    def config_file(self, config, name=None):
+    def config_file(self, config, name=None, docker_host=None):
         if config is None:
             config = {}
         if isinstance(config, Path) or (isinstance(config, str) and os.path.exists(config)):
             return str(config)   # a path (a Path need not exist: "missing file" tests)
+        if isinstance(config, dict):
+            # The daemon takes DOCKER_HOST from its file only, never from the environment.
+            engine = self.engine.host if self.engine else None
+            config = {"DOCKER_HOST": docker_host or engine, **config}
         return write_config(self.path(name or self.unique("config-") + ".env"), config)
 
     def mvr(self, *args, config=None, env=None, docker_host=None, timeout=60, wrap=()):
@@ -483,7 +487,7 @@ class Lab:
         Returns (rc, stdout, stderr)."""
         cmd = [*wrap, sys.executable, "-m", "macvlan_router", *args]
         if config is not False:
-            cmd += ["--config", self.config_file(config)]
+            cmd += ["--config", self.config_file(config, docker_host=docker_host)]
         p = run(cmd, netns=self.T, check=False, timeout=timeout,
                 env=self.daemon_env(docker_host, env))
         return p.returncode, p.stdout, p.stderr
@@ -812,7 +816,7 @@ class Daemon:
         self.lab = lab
         self.wrap = list(wrap)
         self.name = lab.unique("daemon-")
-        self.config = lab.config_file(config, name=self.name + ".env")
+        self.config = lab.config_file(config, name=self.name + ".env", docker_host=docker_host)
         self.env_extra = dict(env or {})
         self.docker_host = docker_host
         self.stderr_path = lab.path(self.name + ".stderr")

@@ -70,10 +70,6 @@ CASES = {
                       ["MACVLAN_BRIDGE_INTERFACE_NAME", "mvr-0123456789ab"], True),
     "unknown-network": (_lan_net, {"MACVLAN_DOCKER_NETWORK": "nosuchnet"},
                         ["nosuchnet"], False),
-    "missing-parent": (_missing_parent, {"MACVLAN_DOCKER_NETWORK": "gone"},
-                       ["lanx"], False),
-    "clash-explicit": (_clash_explicit, {"MACVLAN_BRIDGE_IP": "198.51.100.140"},
-                       ["198.51.100.140"], False),
     "unreadable-config": (_unreadable, None, ["config-is-a-directory"], True),
     "undecodable-config": (_undecodable, None, ["latin1.env"], True),
     "bad-syntax": (_lan_net, "this is not a setting\n", ["this is not a setting"], True),
@@ -122,6 +118,29 @@ def test_run_rejects_at_start(lab, engine, case):
     assert lab.owned_routes() == [], lab.owned_routes()
 
 
+# What Docker or the host did: a warning naming it, the service runs (a restart must never
+# stop on it). id: (setup, config, words the warning must contain)
+WARNED = {
+    "missing-parent": (_missing_parent, {"MACVLAN_DOCKER_NETWORK": "gone"}, ["lanx"]),
+    "clash-explicit": (_clash_explicit, {"MACVLAN_BRIDGE_IP": "198.51.100.140"},
+                       ["198.51.100.140", "c1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WARNED))
+def test_dockers_or_the_hosts_doing_is_a_warning_not_a_stop(lab, engine, case):
+    setup, config, words = WARNED[case]
+    setup(lab, engine)
+    rc, out, err = lab.mvr("check", config=config)
+    assert rc == 0, (rc, out, err)
+    assert any(line.startswith("warning:") and all(w in line for w in words)
+               for line in out.splitlines()), out
+    d = lab.daemon(config)
+    assert d.alive() and all(w in d.stderr for w in words), d.stderr
+    assert "fix the problems above" not in d.stderr
+    assert_no_traceback(d.stderr)
+
+
 def test_run_static_error_needs_no_docker(lab, engine):
     """Static errors are reported even when Docker is unreachable."""
     d = lab.daemon({"MACVLAN_BRIDGE_IP": "198.51.100.300"}, ready=False,
@@ -130,10 +149,12 @@ def test_run_static_error_needs_no_docker(lab, engine):
     _assert_message(rc, d.stderr, ["MACVLAN_BRIDGE_IP", "198.51.100.300"], "run")
 
 
-def test_check_ok_and_missing_file_means_defaults(lab, engine):
+def test_check_ok_and_a_named_file_that_is_missing_is_an_error(lab, engine):
     _lan_net(lab, engine)
-    rc, out, err = lab.mvr("check", config=lab.path("does-not-exist.env"))
-    assert rc == 0, (rc, out, err)
+    missing = lab.path("does-not-exist.env")
+    for command in ("check", "run"):
+        rc, out, err = lab.mvr(command, config=missing, timeout=30)
+        _assert_message(rc, out + err, [str(missing), "does not exist"], command)
     rc, out, err = lab.mvr("check", config={"MACVLAN_DOCKER_NETWORK": "lan",
                                             "MACVLAN_BRIDGE_IP": "198.51.100.10"})
     assert rc == 0, (rc, out, err)

@@ -88,16 +88,16 @@ def test_additional_routes(lab, engine):
     VIP that a container holds."""
     engine.network("lan")
     engine.container("c1", "lan", ip=C4, cap_add=["NET_ADMIN"])
-    rc, out = engine.exec("c1", "ip", "addr", "add", "198.51.100.241/32", "dev", "eth0")
+    rc, out = engine.exec("c1", "ip", "addr", "add", "198.51.100.225/32", "dev", "eth0")
     assert rc == 0, out
     rc, out = engine.exec("c1", "ip", "addr", "add", "203.0.113.200/32", "dev", "eth0")
     assert rc == 0, out
-    assert not lab.ping("198.51.100.241")
-    lab.daemon({"ADDITIONAL_ROUTES": "198.51.100.240/28 203.0.113.200"})
-    wait_until(lambda: lab.route_via("198.51.100.240/28", SHIM0)
+    assert not lab.ping("198.51.100.225")
+    lab.daemon({"ADDITIONAL_ROUTES": "198.51.100.224/28 203.0.113.200"})
+    wait_until(lambda: lab.route_via("198.51.100.224/28", SHIM0)
                and lab.route_via("203.0.113.200", SHIM0), desc="additional routes")
-    assert lab.route("198.51.100.241") is None, "the prefix must be kept as written"
-    lab.wait_ping("198.51.100.241")
+    assert lab.route("198.51.100.225") is None, "the prefix must be kept as written"
+    lab.wait_ping("198.51.100.225")
     lab.wait_ping("203.0.113.200")
     lab.wait_ping(C4)
 

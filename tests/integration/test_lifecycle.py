@@ -152,11 +152,11 @@ def test_sighup_reload(lab, engine):
     engine.container("c1", "lan", ip=C4)
     d = lab.daemon({})
     wait_until(lambda: lab.route_via(C4, SHIM0), desc="route")
-    write_config(d.config, {"ADDITIONAL_ROUTES": "198.51.100.240/28"})
+    write_config(d.config, {"ADDITIONAL_ROUTES": "198.51.100.224/28"})
     d.send_signal(signal.SIGHUP)
     d.wait_notify("RELOADING=1")
     wait_until(lambda: d.count("READY=1") >= 2, desc="READY=1 after reload")
-    wait_until(lambda: lab.route_via("198.51.100.240/28", SHIM0), desc="route after reload")
+    wait_until(lambda: lab.route_via("198.51.100.224/28", SHIM0), desc="route after reload")
 
     # an invalid config on reload: logged, old one kept, daemon alive
     write_config(d.config, {"MACVLAN_BRIDGE_IP": "198.51.100.300"})
@@ -164,7 +164,7 @@ def test_sighup_reload(lab, engine):
     wait_until(lambda: d.count("RELOADING=1") >= 2, desc="second RELOADING=1")
     wait_until(lambda: "198.51.100.300" in d.stderr, desc="the bad value in the log")
     holds_for(lambda: d.alive() and lab.route_via(C4, SHIM0)
-              and lab.route_via("198.51.100.240/28", SHIM0), duration=2,
+              and lab.route_via("198.51.100.224/28", SHIM0), duration=2,
               desc="daemon alive with the old configuration")
     assert_no_traceback(d.stderr)
 

@@ -1,7 +1,9 @@
 """Literal model values for unit tests of the pure logic."""
 
+import dataclasses
 import ipaddress
 
+from macvlan_router import plan
 from macvlan_router.model import LINK_ALIAS, ROUTE_PROTO, Address, Endpoint, Host, Link, \
     Network, Route
 
@@ -50,3 +52,38 @@ def host(links=("eth0",), addresses=(("eth0", "198.51.100.2/24"),), shims=(), ro
 def route(dst, dev, src=None, proto=ROUTE_PROTO, scope=253):
     return Route(dst=net(dst), ifname=dev, proto=proto, src=ip(src) if src else None,
                  scope=scope)
+
+
+def apply_model(h, actions):
+    """What the kernel would do with the actions, on model values (pure logic tests only)."""
+    links, addresses, routes = list(h.links), list(h.addresses), list(h.routes)
+    by_name = lambda name: next(link for link in links if link.name == name)  # noqa: E731
+    for action in actions:
+        if isinstance(action, plan.LinkAdd):
+            links.append(Link(index=1000 + len(links), name=action.name, kind="macvlan",
+                              alias=LINK_ALIAS, parent_index=by_name(action.parent).index,
+                              up=False, mac=action.mac, macvlan_mode="bridge"))
+        elif isinstance(action, plan.LinkDel):
+            links.remove(by_name(action.name))
+            addresses = [a for a in addresses if a.ifname != action.name]
+            routes = [r for r in routes if r.ifname != action.name]
+        elif isinstance(action, plan.RefuseRouterAdvertisements):
+            pass
+        elif isinstance(action, (plan.LinkUp, plan.ArpFilter)):
+            link = by_name(action.name)
+            field = "up" if isinstance(action, plan.LinkUp) else "arp_filter"
+            links[links.index(link)] = dataclasses.replace(link, **{field: True})
+        elif isinstance(action, plan.AddrAdd):
+            addresses.append(Address(action.name, action.interface))
+        elif isinstance(action, plan.AddrDel):
+            addresses = [a for a in addresses
+                         if (a.ifname, a.interface) != (action.name, action.interface)]
+        elif isinstance(action, plan.RouteReplace):
+            spec = action.spec
+            routes = [r for r in routes if not (r.owned and r.dst == spec.dst)]
+            routes.append(Route(dst=spec.dst, ifname=spec.shim, proto=210, src=spec.src,
+                                scope=plan.route_scope(spec.dst)))
+        elif isinstance(action, plan.RouteDel):
+            routes.remove(action.route)
+    return dataclasses.replace(h, links=tuple(links), addresses=tuple(addresses),
+                               routes=tuple(routes))

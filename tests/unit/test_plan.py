@@ -6,44 +6,9 @@ from hypothesis import strategies as st
 
 from macvlan_router import desired, plan
 from macvlan_router.config import Config
-from macvlan_router.model import LINK_ALIAS, Address, Desired, Link, Route
+from macvlan_router.model import Address, Desired, Link
 
-from .factories import MACHINE, endpoint, host, iface, ip, net, network, route
-
-
-def apply_model(h, actions):
-    """What the kernel would do with the actions, on model values (pure logic tests only)."""
-    links, addresses, routes = list(h.links), list(h.addresses), list(h.routes)
-    by_name = lambda name: next(link for link in links if link.name == name)  # noqa: E731
-    for action in actions:
-        if isinstance(action, plan.LinkAdd):
-            links.append(Link(index=1000 + len(links), name=action.name, kind="macvlan",
-                              alias=LINK_ALIAS, parent_index=by_name(action.parent).index,
-                              up=False, mac=action.mac, macvlan_mode="bridge"))
-        elif isinstance(action, plan.LinkDel):
-            links.remove(by_name(action.name))
-            addresses = [a for a in addresses if a.ifname != action.name]
-            routes = [r for r in routes if r.ifname != action.name]
-        elif isinstance(action, plan.RefuseRouterAdvertisements):
-            pass
-        elif isinstance(action, (plan.LinkUp, plan.ArpFilter)):
-            link = by_name(action.name)
-            field = "up" if isinstance(action, plan.LinkUp) else "arp_filter"
-            links[links.index(link)] = dataclasses.replace(link, **{field: True})
-        elif isinstance(action, plan.AddrAdd):
-            addresses.append(Address(action.name, action.interface))
-        elif isinstance(action, plan.AddrDel):
-            addresses = [a for a in addresses
-                         if (a.ifname, a.interface) != (action.name, action.interface)]
-        elif isinstance(action, plan.RouteReplace):
-            spec = action.spec
-            routes = [r for r in routes if not (r.owned and r.dst == spec.dst)]
-            routes.append(Route(dst=spec.dst, ifname=spec.shim, proto=210, src=spec.src,
-                                scope=plan.route_scope(spec.dst)))
-        elif isinstance(action, plan.RouteDel):
-            routes.remove(action.route)
-    return dataclasses.replace(h, links=tuple(links), addresses=tuple(addresses),
-                               routes=tuple(routes))
+from .factories import MACHINE, apply_model, endpoint, host, iface, ip, net, network, route
 
 
 def converge(cfg, networks, h):
@@ -67,7 +32,8 @@ def test_commands_read_like_ip():
     first = plan.compute(desired.compute(Config(), [lan], host()), host())
     commands = [a.command() for a in first.actions]
     assert commands[0].startswith("ip link add mvr-eth0 link eth0 address ")
-    assert commands[0].endswith("type macvlan mode bridge && ip link set mvr-eth0 alias macvlan-router")
+    assert commands[0].endswith(
+        "type macvlan mode bridge && ip link set mvr-eth0 alias macvlan-router")
     assert "ip address add 198.51.100.2/32 dev mvr-eth0 noprefixroute" in commands
     assert ("ip route replace 198.51.100.130/32 dev mvr-eth0 proto macvlan-router scope link "
             "src 198.51.100.2") in commands

@@ -1,0 +1,33 @@
+"""The linters run as ordinary tests: flake8 with Debian's python3, ruff in the PyPI venv."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TREES = ["macvlan_router", "tests"]
+
+
+def _linter():
+    if importlib.util.find_spec("flake8"):
+        return [sys.executable, "-m", "flake8"]
+    ruff = shutil.which("ruff", path=os.path.dirname(sys.executable))
+    if ruff:
+        return [ruff, "check", "--line-length", "100", "--no-cache"]
+    return None
+
+
+def test_code_is_lint_clean():
+    linter = _linter()
+    if linter is None:
+        if os.environ.get("MVR_REQUIRE_INTEGRATION") == "1":
+            pytest.fail("no linter installed: tests/run-all installs python3-flake8 and ruff")
+        pytest.skip("neither flake8 nor ruff is installed")
+    result = subprocess.run(linter + TREES, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{' '.join(linter)}:\n{result.stdout}{result.stderr}"

@@ -1,0 +1,66 @@
+"""Which netlink notifications are worth a reconcile (netlink.ChangeFilter)."""
+
+from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_NEWADDR,
+                                   RTM_NEWLINK, RTM_NEWROUTE)
+
+from macvlan_router.model import ROUTE_PROTO
+from macvlan_router.netlink import Change, ChangeFilter
+
+WATCHED = (frozenset({"mvr-eth0", "eth0"}), frozenset({7, 2}))
+
+
+def relevant(change, watched=WATCHED, seen=()):
+    f = ChangeFilter()
+    for earlier in seen:
+        f.relevant(earlier, watched)
+    return f.relevant(change, watched)
+
+
+def test_our_route_deleted_is_a_change():
+    assert relevant(Change(RTM_DELROUTE, proto=ROUTE_PROTO, host_route=True))
+
+
+def test_our_own_route_added_is_not():
+    assert not relevant(Change(RTM_NEWROUTE, proto=ROUTE_PROTO, host_route=True))
+
+
+def test_a_foreign_host_route_matters_either_way():
+    assert relevant(Change(RTM_NEWROUTE, proto=4, host_route=True))
+    assert relevant(Change(RTM_DELROUTE, proto=4, host_route=True))
+    assert not relevant(Change(RTM_NEWROUTE, proto=4, host_route=False))
+
+
+def test_other_tables_do_not_matter():
+    assert not relevant(Change(RTM_DELROUTE, table=255, proto=ROUTE_PROTO, host_route=True))
+
+
+def test_a_watched_link_deleted_or_changed_matters_once():
+    up = Change(RTM_NEWLINK, 7, "mvr-eth0", (1, 2, "macvlan-router", "aa"))
+    assert relevant(up)
+    assert not relevant(up, seen=[up]), "the same state again is no change"
+    assert relevant(Change(RTM_NEWLINK, 7, "mvr-eth0", (0, 2, "macvlan-router", "aa")),
+                    seen=[up])
+    assert relevant(Change(RTM_DELLINK, 7, "mvr-eth0"))
+
+
+def test_container_links_do_not_matter():
+    assert not relevant(Change(RTM_NEWLINK, 40, "veth1234", (1, 2, None, "bb")))
+    assert not relevant(Change(RTM_DELLINK, 40, "veth1234"))
+
+
+def test_addresses_matter_on_watched_links_only():
+    assert relevant(Change(RTM_NEWADDR, 7)) and relevant(Change(RTM_DELADDR, 2))
+    assert not relevant(Change(RTM_DELADDR, 40))
+
+
+def test_before_the_first_reconcile_everything_matters():
+    assert relevant(Change(RTM_DELADDR, 40), watched=None)
+    assert relevant(Change(RTM_NEWLINK, 40, "veth1234", ()), watched=None)
+
+
+def test_forget_makes_a_link_new_again():
+    f = ChangeFilter()
+    up = Change(RTM_NEWLINK, 7, "mvr-eth0", (1,))
+    assert f.relevant(up, WATCHED) and not f.relevant(up, WATCHED)
+    f.forget()
+    assert f.relevant(up, WATCHED)
