@@ -28,6 +28,8 @@ Requests with a chunked body are refused (501): the daemon never sends one.
 Every wait is bounded; close() ends every connection and thread it started.
 """
 
+from __future__ import annotations
+
 import collections
 import contextlib
 import http.client
@@ -42,7 +44,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Optional
+from typing import Any
 
 DELAY, ERROR, RESET, TRUNCATE, REWRITE = "delay", "error", "reset", "truncate", "rewrite"
 ACTIONS = (DELAY, ERROR, RESET, TRUNCATE, REWRITE)
@@ -67,7 +69,7 @@ class Rule:
     path: str                   # regex, matched against the whole api_path()
     action: str
     arg: Any = None
-    times: Optional[int] = None  # None: until cleared
+    times: int | None = None    # None: until cleared
     hits: int = 0               # matching requests (or streams) this rule acted on
 
     def __post_init__(self):
@@ -105,9 +107,9 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = IDLE_TIMEOUT
-    server: "_Server"
+    server: _Server
 
-    def log_message(self, format, *args):  # noqa: A002 - the base class's signature
+    def log_message(self, *args):
         pass  # the proxy keeps its own record (FaultProxy.journal)
 
     def handle(self):

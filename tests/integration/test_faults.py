@@ -184,7 +184,7 @@ MALFORMED = {
 def _mentions(text, word):
     """word in text as a word of its own (case aside); an id prefix may go on."""
     after = "" if re.fullmatch(r"[0-9a-f]{12}", word) else "(?![A-Za-z0-9])"
-    return re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}{after}", text, re.I)
+    return re.search(rf"(?<![A-Za-z0-9]){re.escape(word)}{after}", text, re.IGNORECASE)
 
 
 def corrupting(proxy, engine, case):
@@ -381,15 +381,16 @@ def test_dockerd_sigkilled_mid_burst_and_restarted(lab, engine, watcher, mode):
         engine.container("alpha-2", "alpha", ip=A2, extra=extra)
         d = lab.daemon({})
         wait_routed(lab, A1, A2)
-        started = []
+        started, refused = [], []
 
         def burst():
             for i, addr in enumerate(BURST):
                 try:
                     engine.container(f"burst-{i}", "alpha", ip=addr, extra=extra)
-                except Exception:  # noqa: BLE001 - the engine died under this one
-                    continue
-                started.append(addr)
+                except Exception as exc:  # noqa: BLE001 - the engine died under this one
+                    refused.append(f"{addr}: {str(exc)[-200:]}")
+                else:
+                    started.append(addr)
 
         thread = threading.Thread(target=burst, daemon=True)
         thread.start()
@@ -412,7 +413,8 @@ def test_dockerd_sigkilled_mid_burst_and_restarted(lab, engine, watcher, mode):
         running = running_containers(engine)
         survivors = [c for c in running if before.get(c["Id"]) == c["State"]["StartedAt"]]
         print(f"dockerd SIGKILL ({mode}): {len(started)} of {len(BURST)} burst containers "
-              f"started, {len(running)} running after, {len(survivors)} never stopped; "
+              f"started ({len(refused)} refused by the dead engine), {len(running)} running "
+              f"after, {len(survivors)} never stopped; "
               f"routes right {recovery:.2f} s after dockerd answered again")
         if mode == "live-restore":
             assert survivors, "no container survived the engine's restart: nothing to judge"
@@ -471,8 +473,8 @@ def test_netlink_monitor_overflow_leads_to_resync(lab, engine):
         assert after["drops"] > monitor["drops"], "the deletion's message was not dropped too"
     finally:
         d.send_signal(signal.SIGCONT)
+        continued = time.monotonic()
         lab.ipc("route", "flush", "table", FLOOD_TABLE, check=False)
-    continued = time.monotonic()
     print(f"overflow: of {sent} messages, the daemon's monitor socket dropped "
           f"{after['drops']} (receive queue {after['rmem']} bytes)")
     try:
