@@ -231,8 +231,7 @@ class Churn:
         with self.lock:
             pool = [c for c, nets in self.idle.items() if not two_networks or len(nets) == 2]
             chosen = self.rng.sample(pool, min(n, len(pool)))
-            for cid in chosen:
-                self.busy += 1
+            self.busy += len(chosen)
             return [(cid, self.idle.pop(cid)) for cid in chosen]
 
     def give_back(self, cid, nets):
@@ -280,7 +279,7 @@ class Churn:
         cid = None
         try:
             first = names[0]
-            endpoint = self._endpoint(nets[first])
+            endpoint = self.api.create_endpoint_config(**self._addresses(nets[first]))
             cid = self.api.create_container(
                 labmod.IMAGE, COMMAND, name=name, labels={labmod.LABEL: "1"},
                 host_config=self.api.create_host_config(network_mode=first),
@@ -301,9 +300,6 @@ class Churn:
 
     def _addresses(self, pair):
         return {} if pair is None else {"ipv4_address": pair[0], "ipv6_address": pair[1]}
-
-    def _endpoint(self, pair):
-        return self.api.create_endpoint_config(**self._addresses(pair))
 
     def remove(self, cid, nets, how):
         way = self.rng.choice(("rm -f", "stop, rm", "kill, rm"))
