@@ -138,7 +138,7 @@ class Daemon:
             kinds.add(kind)
             if kind == DOCKER:
                 self._stream_up()
-                self.owed.add(arg)
+                self.owed |= self.reconciler.owed_for(arg)
             elif kind == LOST:
                 self._stream_lost(arg)
             elif kind == HOST:

@@ -23,6 +23,7 @@ EVENT_FILTERS = {
 # What an event asks the next reconcile to refresh.
 REFRESH_ALL = "all"            # re-list networks and inspect every managed one
 REFRESH_ENDPOINTS = "endpoints"  # inspect every managed network again
+CONTAINER_CHANGED = "container"  # a container started or died: see network_events
 
 # docker-py raises its own errors, requests', urllib3's and plain OSErrors
 # depending on where the connection broke; all mean "Docker is not there".
@@ -218,6 +219,11 @@ class DockerSource:
     there, so a slow but answering engine never gets it killed.
     """
 
+    # Docker reports a network connect/disconnect for every network a container joins
+    # or leaves when it starts or dies, so its container events need no read of their own;
+    # an engine that does not sets this False and re-reads the networks on them.
+    network_events = True
+
     def __init__(self, url, before_call=lambda: None):
         self.url = url
         self.before_call = before_call
@@ -362,5 +368,5 @@ def classify(event):
     if kind == "network":
         return REFRESH_ALL
     if kind == "container" and action in ("start", "die"):
-        return REFRESH_ENDPOINTS
+        return CONTAINER_CHANGED
     return None

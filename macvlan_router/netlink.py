@@ -117,6 +117,7 @@ class Netlink:
 
     def __init__(self, machine_id=None):
         self.ipr = IPRoute()
+        self.own = OwnChanges()
         self._relinked = set()
         self.machine_id = read_machine_id() if machine_id is None else machine_id
 
@@ -216,7 +217,7 @@ class Netlink:
         for action in plan_actions:
             fields, reason = why(action)
             try:
-                self._do(action, host)
+                self._expecting(action, host)
             except NetlinkError as exc:
                 if exc.code in ALREADY_DONE.get(type(action), ()):
                     continue
@@ -244,6 +245,18 @@ class Netlink:
                     self._relinked.add(action.name)
             log.info("%s%s", action.command(), reason, extra=fields)
         return failed
+
+    def _expecting(self, action, host):
+        """_do(), with the monitor told beforehand of a route deletion it will see."""
+        if not isinstance(action, actions.RouteDel):
+            self._do(action, host)
+            return
+        self.own.expect(action.route.dst)
+        try:
+            self._do(action, host)
+        except BaseException:
+            self.own.cancel(action.route.dst)
+            raise
 
     def _do(self, action, host):
         ipr = self.ipr
@@ -304,6 +317,7 @@ class Change(NamedTuple):
     table: int = MAIN_TABLE
     proto: int = 0
     host_route: bool = False        # a /32 or /128 destination
+    dst: Optional[ipaddress._BaseNetwork] = None   # for our routes only
 
     @classmethod
     def of(cls, msg):
@@ -315,20 +329,72 @@ class Change(NamedTuple):
         if kind in (RTM_NEWADDR, RTM_DELADDR):
             return cls(kind, msg["index"])
         if kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            v4 = msg["family"] == socket.AF_INET
+            dst = None
+            if msg["proto"] == ROUTE_PROTO:
+                dst = ipaddress.ip_network(
+                    f"{msg.get_attr('RTA_DST') or ('0.0.0.0' if v4 else '::')}/{msg['dst_len']}",
+                    strict=False)
             return cls(kind, table=msg.get_attr("RTA_TABLE") or msg["table"],
-                       proto=msg["proto"],
-                       host_route=msg["dst_len"] == (32 if msg["family"] == socket.AF_INET
-                                                     else 128))
+                       proto=msg["proto"], host_route=msg["dst_len"] == (32 if v4 else 128),
+                       dst=dst)
         return cls(kind)
+
+
+class OwnChanges:
+    """Route deletions the daemon itself is making, so that their notifications do not
+    pass for someone else's and cost another reconcile and dump.
+
+    Thread-safe: the main thread expects a deletion before making it (the kernel queues
+    the notification before it answers) and cancels it when the deletion failed; the
+    monitor takes one expectation per notification. An expectation never matched stays
+    until forget(): the worst it can do is hide one later deletion of the same route from
+    the monitor, which the next full resync repairs; forget() runs on every overflow.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._deletions = {}
+
+    def expect(self, dst):
+        with self._lock:
+            self._deletions[dst] = self._deletions.get(dst, 0) + 1
+
+    def cancel(self, dst):
+        self.take(dst)
+
+    def take(self, dst):
+        """True when a deletion of `dst` was expected (and is now no longer)."""
+        with self._lock:
+            left = self._deletions.get(dst, 0)
+            if not left:
+                return False
+            if left == 1:
+                del self._deletions[dst]
+            else:
+                self._deletions[dst] = left - 1
+            return True
+
+    def forget(self):
+        with self._lock:
+            self._deletions.clear()
+
+
+class Watched(NamedTuple):
+    """The links whose changes matter (our shims, the managed networks' parents) by name
+    and index, and the route deletions the daemon is making itself."""
+
+    names: frozenset = frozenset()
+    indexes: frozenset = frozenset()
+    own: Optional[OwnChanges] = None
 
 
 class ChangeFilter:
     """Decides which host changes are worth a reconcile (pure; state: links last seen).
 
-    `watched` is (names, indexes) of the links that matter, our shims and the parents
-    of managed networks, or None before the first reconcile, meaning "all". Container
+    `watched` is a Watched, or None before the first reconcile, meaning "all". Container
     interfaces come and go on every `docker run` and are ignored, and so are our own
-    route additions. Over-reporting is harmless (the reconcile finds nothing to do) but
+    route additions and deletions. Over-reporting is harmless (the reconcile finds nothing to do) but
     costs a netlink dump; under-reporting leaves a repair to the resync timer.
     """
 
@@ -341,7 +407,7 @@ class ChangeFilter:
         self._links.clear()
 
     def relevant(self, change, watched):
-        names, indexes = watched or ((), ())
+        names, indexes, own = watched or Watched()
         if change.kind in (RTM_NEWLINK, RTM_DELLINK):
             if watched is not None and change.name not in names:
                 self._links.pop(change.index, None)
@@ -359,8 +425,11 @@ class ChangeFilter:
             if change.table != MAIN_TABLE:
                 return False  # the kernel's local and broadcast routes, for one
             ours = change.proto == ROUTE_PROTO
-            # Ours deleted: repair. A foreign host route may now block or free one of ours.
-            return (ours and change.kind == RTM_DELROUTE) or (not ours and change.host_route)
+            if ours and change.kind == RTM_DELROUTE:
+                # Ours deleted by someone else: repair.
+                return own is None or not own.take(change.dst)
+            # A foreign host route may now block or free one of ours.
+            return not ours and change.host_route
         return False
 
 
@@ -406,6 +475,9 @@ class Monitor:
                 log.warning("the netlink monitor fell behind and the kernel dropped host "
                             "changes (ENOBUFS); re-reading the whole host")
                 self.filter.forget()
+                watched = self.watched()
+                if watched is not None and watched.own is not None:
+                    watched.own.forget()
                 self.on_change()
                 continue
             if any(self.filter.relevant(Change.of(msg), self.watched()) for msg in messages):

@@ -4,15 +4,17 @@ Pure: no I/O. Ownership rules live here: we only ever delete or change links
 carrying our alias and routes carrying our protocol number.
 """
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from typing import ClassVar, Optional, Tuple
 
 from .desired import stable_mac
-from .model import LINK_ALIAS, ROUTE_PROTO_NAME, Problem, Protection
+from .model import LINK_ALIAS, ROUTE_PROTO, ROUTE_PROTO_NAME, Problem, Protection, Route
 
 SCOPE_UNIVERSE = 0
 SCOPE_LINK = 253
+IPV6_DEFAULT_METRIC = 1024   # what the kernel gives an IPv6 route added without one
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,23 @@ def compute(desired, host, protection=Protection()):
             f"longer seem to need: {protection.reason}", kind="waiting"))
     return Plan(actions=tuple(actions), problems=tuple(problems), pending=pending,
                 kept=len(kept))
+
+
+def after(host, actions):
+    """The host once `actions` all succeeded, when they only add and delete routes: the
+    kernel's result is then known exactly, and the Docker event after this one needs no
+    netlink dump. None for anything else (a new link's index, an address's DAD state:
+    only a dump tells)."""
+    if not all(isinstance(a, (RouteReplace, RouteDel)) for a in actions):
+        return None
+    new = {a.spec.dst: a.spec for a in actions if isinstance(a, RouteReplace)}
+    gone = {a.route for a in actions if isinstance(a, RouteDel)}
+    routes = [r for r in host.routes if r not in gone and not (r.owned and r.dst in new)]
+    routes.extend(Route(dst=spec.dst, ifname=spec.shim, proto=ROUTE_PROTO, src=spec.src,
+                        scope=route_scope(spec.dst),
+                        priority=IPV6_DEFAULT_METRIC if spec.dst.version == 6 else 0)
+                  for spec in new.values())
+    return dataclasses.replace(host, routes=tuple(routes))
 
 
 def _protected_link(name, host, owned_routes, protection):

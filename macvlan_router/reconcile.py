@@ -9,10 +9,11 @@ from dataclasses import dataclass, field
 
 from . import desired as desired_state
 from . import plan as plan_mod
-from .docker_source import REFRESH_ALL, REFRESH_ENDPOINTS
+from .docker_source import CONTAINER_CHANGED, REFRESH_ALL, REFRESH_ENDPOINTS
 from .errors import DockerUnavailable
 from .log import fields
 from .model import Desired, Host
+from .netlink import Watched
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -52,11 +53,12 @@ class Reconciler:
         self.docker = docker
         self.netlink = netlink
         self.view = View()
-        # The host as last read. Netlink tells the daemon when it changes
-        # (invalidate_host); keeping it saves a full dump on every Docker event.
+        # The host as last read, or as it is after our own route changes (plan.after).
+        # Netlink tells the daemon when someone else changes it (invalidate_host);
+        # keeping it saves a full dump on every Docker event.
         self._host = None
-        # (names, indexes) of the links whose changes matter, for the netlink monitor;
-        # None until the first reconcile: then everything matters.
+        # netlink.Watched, for the netlink monitor; None until the first reconcile:
+        # then everything matters.
         self.watched = None
         self._watched_names = frozenset()
 
@@ -72,8 +74,16 @@ class Reconciler:
 
     def _watch(self, host):
         # Indexes from the latest read: a shim created by the last apply has one now.
-        self.watched = (self._watched_names, frozenset(
-            link.index for link in host.links if link.name in self._watched_names))
+        self.watched = Watched(self._watched_names, frozenset(
+            link.index for link in host.links if link.name in self._watched_names),
+            self.netlink.own)
+
+    def owed_for(self, scope):
+        """What an event's scope (docker_source.classify) owes: a container start or die
+        owes nothing where the engine reports the network connect/disconnect anyway."""
+        if scope != CONTAINER_CHANGED:
+            return {scope}
+        return set() if self.docker.network_events else {REFRESH_ENDPOINTS}
 
     def refresh(self, scope):
         """Re-read from Docker what `scope` names (REFRESH_ALL, REFRESH_ENDPOINTS or network
@@ -117,7 +127,7 @@ class Reconciler:
         """Carry out the outcome's plan; sets outcome.failed to the number of failed changes."""
         host = outcome.host
         outcome.failed = self.netlink.apply(outcome.plan.actions, host, explain)
-        self._host = None if outcome.plan.actions else host
+        self._host = None if outcome.failed else plan_mod.after(host, outcome.plan.actions)
         self._watched_names = frozenset(
             set(outcome.desired.shims) | set(plan_mod.owned_shims(host))
             | {m.network.parent for m in outcome.desired.networks if m.network.parent})

@@ -4,9 +4,11 @@ from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_N
                                    RTM_NEWLINK, RTM_NEWROUTE)
 
 from macvlan_router.model import ROUTE_PROTO
-from macvlan_router.netlink import Change, ChangeFilter
+from macvlan_router.netlink import Change, ChangeFilter, OwnChanges, Watched
 
-WATCHED = (frozenset({"mvr-eth0", "eth0"}), frozenset({7, 2}))
+from .factories import net
+
+WATCHED = Watched(frozenset({"mvr-eth0", "eth0"}), frozenset({7, 2}))
 
 
 def relevant(change, watched=WATCHED, seen=()):
@@ -18,6 +20,27 @@ def relevant(change, watched=WATCHED, seen=()):
 
 def test_our_route_deleted_is_a_change():
     assert relevant(Change(RTM_DELROUTE, proto=ROUTE_PROTO, host_route=True))
+
+
+def test_our_own_route_deletion_is_not_a_change_but_a_second_one_is():
+    own = OwnChanges()
+    watched = WATCHED._replace(own=own)
+    gone = Change(RTM_DELROUTE, proto=ROUTE_PROTO, host_route=True, dst=net("198.51.100.9/32"))
+    own.expect(gone.dst)
+    f = ChangeFilter()
+    assert not f.relevant(gone, watched), "the daemon's own deletion costs no reconcile"
+    assert f.relevant(gone, watched), "the same route deleted again is someone else's doing"
+
+
+def test_a_cancelled_deletion_is_no_longer_expected():
+    own = OwnChanges()
+    gone = Change(RTM_DELROUTE, proto=ROUTE_PROTO, host_route=True, dst=net("198.51.100.9/32"))
+    own.expect(gone.dst)
+    own.cancel(gone.dst)
+    assert relevant(gone, WATCHED._replace(own=own))
+    own.expect(gone.dst)
+    own.forget()
+    assert relevant(gone, WATCHED._replace(own=own))
 
 
 def test_our_own_route_added_is_not():

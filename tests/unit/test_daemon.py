@@ -48,6 +48,8 @@ class Triggers:
 
 
 class FakeDocker:
+    network_events = True
+
     def __init__(self, *networks):
         self.networks = {n.id: n for n in networks}
         self.failing = {}      # "list" or a network id -> how many more calls fail
@@ -69,6 +71,8 @@ class FakeDocker:
 
 
 class FakeNetlink:
+    own = None
+
     def __init__(self, h):
         self.host, self.applied = h, []
 

@@ -3,7 +3,8 @@ costs only itself, never a traceback."""
 
 import pytest
 
-from macvlan_router.docker_source import REFRESH_ALL, REFRESH_ENDPOINTS, classify, to_network
+from macvlan_router.docker_source import CONTAINER_CHANGED, REFRESH_ALL, REFRESH_ENDPOINTS, \
+    classify, to_network
 
 NET_ID = "a" * 64
 GOOD_CID = "b" * 64
@@ -101,8 +102,8 @@ def test_config_from_is_followed():
     ({"Type": "network", "Action": "connect", "Actor": {}}, REFRESH_ENDPOINTS),
     ({"Type": "network", "Action": "create", "Actor": {"ID": NET_ID}}, REFRESH_ALL),
     ({"Type": "network", "Action": "destroy", "Actor": {"ID": NET_ID}}, REFRESH_ALL),
-    ({"Type": "container", "Action": "start"}, REFRESH_ENDPOINTS),
-    ({"Type": "container", "Action": "die"}, REFRESH_ENDPOINTS),
+    ({"Type": "container", "Action": "start"}, CONTAINER_CHANGED),
+    ({"Type": "container", "Action": "die"}, CONTAINER_CHANGED),
     ({"Type": "container", "Action": "create"}, None),
     ({"Type": "container", "Action": "exec_start: sh"}, None),
 ])
