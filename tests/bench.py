@@ -1,20 +1,26 @@
 #!/usr/bin/python3
 """Benchmark macvlan-router against a real Docker engine in the test lab (not a test).
 
-Run as root:  python3 tests/bench.py [--containers 50] [--burst 100] [--churn 1000] [--idle 60]
+Run as root:  python3 tests/bench.py [--containers 30] [--burst 100] [--churn 1000] [--idle 60]
 
-Prints, per figure, what issue 2 asks for:
-  connect event -> route present, disconnect event -> route gone (p50, p99, max),
-  from the events' own timeNano to the route's netlink event, seen by a monitor in T;
-  100 containers started at once: last connect event -> all routes present;
-  CPU over an idle minute with containers running; RSS at start and after churn;
-  start -> READY=1 with 100 containers present.
+Prints, per figure (issues 2 and 9):
+  connect event -> route present, disconnect event -> route gone (p50, p99, max), from the
+  events' own timeNano to the route's netlink event, seen by a monitor in T, with 0 and 100
+  containers already on one network and with 500 spread over 10 networks, each next to
+  the floor measured in the same run: connect event -> `inspect_network` answered, through
+  the same client the daemon uses (docker-py's APIClient);
+  RSS with 500 containers; start -> READY=1 with 500 containers present;
+  with --burst/--idle/--churn above 0: 100 containers started at once, CPU over an idle
+  minute, RSS after churn.
+The bench networks use 198.18.0.0/15 (the benchmarking range), one veth parent each
+(Docker 20.10 allows one macvlan network per parent), inside the lab's namespaces only.
 """
 
 import argparse
 import contextlib
 import io
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -104,6 +110,32 @@ class EventWatch(Stamps):
         self.stream.close()
 
 
+class FloorWatch(Stamps):
+    """The floor: a network connect event -> `inspect_network` of its network answered,
+    through docker-py's APIClient as the daemon uses it, in ms, by container id."""
+
+    def __init__(self, engine):
+        super().__init__()
+        import docker
+        self.events = docker.APIClient(base_url=engine.host, version="auto", timeout=60)
+        self.api = docker.APIClient(base_url=engine.host, version="auto", timeout=60)
+        self.stream = self.events.events(decode=True, filters={"type": ["network"],
+                                                                "event": ["connect"]})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for event in self.stream:
+                self.api.inspect_network(event["Actor"]["ID"])
+                container = event["Actor"].get("Attributes", {}).get("container")
+                self.record(container, (time.time_ns() - event["timeNano"]) / 1e6)
+        except Exception:  # noqa: BLE001 - closed at the end
+            pass
+
+    def close(self):
+        self.stream.close()
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
@@ -137,18 +169,54 @@ def run_container(client, network, name):
                                  network=network, labels={labmod.LABEL: "1"})
 
 
-def sequential(lab, client, network, routes, events, count):
-    connect, disconnect = [], []
+def bench_networks(lab, count):
+    """`count` macvlan networks, each on its own veth parent benchN (T) <-> benchNp (P),
+    subnet 198.18.N.0/24 with the host at .2 (the shim reuses it) and containers in the
+    upper half."""
+    names = []
     for i in range(count):
-        container = run_container(client, network, f"seq{i}")
+        parent = f"bench{i}"
+        labmod.run(["ip", "-n", lab.T, "link", "add", parent, "type", "veth",
+                    "peer", "name", f"{parent}p", "netns", lab.P])
+        labmod.run(["ip", "-n", lab.T, "addr", "add", f"198.18.{i}.2/24", "dev", parent])
+        labmod.run(["ip", "-n", lab.T, "link", "set", parent, "up"])
+        labmod.run(["ip", "-n", lab.P, "link", "set", f"{parent}p", "up"])
+        names.append(lab.engine.network(parent, parent=parent, subnet=f"198.18.{i}.0/24",
+                                        gateway=f"198.18.{i}.1",
+                                        ip_range=f"198.18.{i}.128/25", aux=False))
+    return names
+
+
+def fill(client, routes, networks, count, stem):
+    """`count` containers spread over `networks`, each with its route present."""
+    def one(i):
+        network = networks[i % len(networks)]
+        container = run_container(client, network, f"{stem}{i}")
+        routes.wait(("add", container_ip(client, container.id, network)), timeout=120)
+        return container.id
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def latency(client, networks, routes, events, floor, count, label):
+    """Containers started and removed one at a time, round robin over `networks`: event ->
+    route latencies, and the floor for the same connect events."""
+    connect, disconnect, floors = [], [], []
+    for i in range(count):
+        network = networks[i % len(networks)]
+        container = run_container(client, network, f"lat{label[:3]}{i}")
         ip = container_ip(client, container.id, network)
         added = routes.wait(("add", ip))
         connect.append((added - events.wait(("connect", container.id))) / 1e6)
+        floors.append(floor.wait(container.id))
         container.remove(force=True)
         gone = routes.wait(("del", ip))
         disconnect.append((gone - events.wait(("disconnect", container.id))) / 1e6)
-    show(f"connect event -> route present ({count} containers, one at a time)", connect)
-    show(f"disconnect event -> route gone ({count} containers, one at a time)", disconnect)
+    show(f"[{label}] floor: connect event -> inspect_network answered", floors)
+    show(f"[{label}] connect event -> route present", connect)
+    show(f"[{label}] disconnect event -> route gone", disconnect)
+    print(f"[{label}] p50 connect / p50 floor = "
+          f"{statistics.median(connect) / statistics.median(floors):.2f}", flush=True)
 
 
 def burst(lab, client, network, routes, events, count):
@@ -176,55 +244,67 @@ def churn(client, network, count):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--containers", type=int, default=50)
-    parser.add_argument("--burst", type=int, default=100)
-    parser.add_argument("--churn", type=int, default=1000)
-    parser.add_argument("--idle", type=float, default=60)
+    parser.add_argument("--containers", type=int, default=30,
+                        help="containers started one at a time per size")
+    parser.add_argument("--burst", type=int, default=0)
+    parser.add_argument("--churn", type=int, default=0)
+    parser.add_argument("--idle", type=float, default=0)
     args = parser.parse_args()
     problem = labmod.prereq_problem()
     if problem:
         sys.exit(f"cannot run the benchmark: {problem}")
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     lab = labmod.make_lab()
     try:
         client = lab.engine.client
-        network = lab.engine.network("bench", parent="lan0")
+        networks = bench_networks(lab, 10)
         daemon = lab.daemon(config={})
         pid = daemon.proc.pid
         print(f"daemon pid {pid}, python {sys.version.split()[0]}, "
               f"RSS at start {rss_kib(pid) / 1024:.1f} MiB", flush=True)
-        routes, events = RouteWatch(lab), EventWatch(client)
-        sequential(lab, client, network, routes, events, args.containers)
-        created = burst(lab, client, network, routes, events, args.burst)
-
-        running = created[:50]
-        for cid in created[50:]:
+        routes, events, floor = RouteWatch(lab), EventWatch(client), FloorWatch(lab.engine)
+        latency(client, networks[:1], routes, events, floor, args.containers,
+                "0 containers, 1 network")
+        hundred = fill(client, routes, networks[:1], 100, "hundred")
+        latency(client, networks[:1], routes, events, floor, args.containers,
+                "100 containers, 1 network")
+        for cid in hundred[50:]:
             client.api.remove_container(cid, force=True)
-        time.sleep(2)
-        before = cpu_seconds(pid)
-        time.sleep(args.idle)
-        used = cpu_seconds(pid) - before
-        print(f"CPU over {args.idle:.0f} idle seconds with {len(running)} containers: "
-              f"{used:.2f} s = {100 * used / args.idle:.3f}% of a core", flush=True)
+        fill(client, routes, networks[1:], 450, "spread")
+        latency(client, networks, routes, events, floor, args.containers,
+                "500 containers, 10 networks")
+        print(f"RSS with 500 containers: {rss_kib(pid) / 1024:.1f} MiB", flush=True)
 
-        rss_before = rss_kib(pid)
-        churn(client, network, args.churn)
-        time.sleep(2)
-        print(f"RSS before churn {rss_before / 1024:.1f} MiB, after {args.churn} containers "
-              f"came and went {rss_kib(pid) / 1024:.1f} MiB", flush=True)
+        if args.burst:
+            burst(lab, client, networks[0], routes, events, args.burst)
+        if args.idle:
+            time.sleep(2)
+            before = cpu_seconds(pid)
+            time.sleep(args.idle)
+            used = cpu_seconds(pid) - before
+            print(f"CPU over {args.idle:.0f} idle seconds: {used:.2f} s = "
+                  f"{100 * used / args.idle:.3f}% of a core", flush=True)
+        if args.churn:
+            rss_before = rss_kib(pid)
+            churn(client, networks[0], args.churn)
+            time.sleep(2)
+            print(f"RSS before churn {rss_before / 1024:.1f} MiB, after {args.churn} "
+                  f"containers came and went {rss_kib(pid) / 1024:.1f} MiB", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):  # the lab prints the daemon's log
             daemon.stop()
 
-        extra = [run_container(client, network, f"start{i}").id for i in range(50)]
+        present = len(client.api.containers(filters={"label": labmod.LABEL}))
         started = time.monotonic()
         again = lab.daemon(config={})
-        print(f"start -> READY=1 (first complete reconcile) with "
-              f"{len(running) + len(extra)} containers present: "
-              f"{(time.monotonic() - started) * 1000:.0f} ms "
+        print(f"start -> READY=1 (first complete reconcile) with {present} containers "
+              f"present: {(time.monotonic() - started) * 1000:.0f} ms "
               f"(includes the interpreter's start and imports)", flush=True)
+        print(f"RSS after that start: {rss_kib(again.proc.pid) / 1024:.1f} MiB", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):
             again.stop()
-        routes.close()
-        events.close()
+        for watch in (routes, events, floor):
+            watch.close()
+        print(f"load average at the end: {os.getloadavg()}", flush=True)
     finally:
         lab.teardown()
 
