@@ -204,7 +204,7 @@ def latency(client, networks, routes, events, floor, count, label):
     connect, disconnect, floors = [], [], []
     for i in range(count):
         network = networks[i % len(networks)]
-        container = run_container(client, network, f"lat{label[:3]}{i}")
+        container = run_container(client, network, f"lat{label.split()[0]}-{len(networks)}-{i}")
         ip = container_ip(client, container.id, network)
         added = routes.wait(("add", ip))
         connect.append((added - events.wait(("connect", container.id))) / 1e6)
