@@ -99,8 +99,35 @@ def stable_ipv6(machine_id, parent, subnet, taken):
     return None
 
 
-def compute(config, networks, host):
-    """Return the Desired state for the managed `networks` on `host`."""
+class Memo:
+    """Each network's routes as computed last, so that an event costs work for what it
+    changed: a network that is the same object as last time (view.View keeps a network's
+    object until a read of it answers) with the same inputs is reused whole, and a
+    changed one reuses the routes of the endpoints it kept. A fresh Memo (or none) gives
+    the full computation; both give the same Desired."""
+
+    def __init__(self):
+        self.networks = {}   # network id -> _Routes
+
+
+@dataclasses.dataclass(frozen=True)
+class _Routes:
+    """One network's endpoints as routes: `steps` per endpoint, each a Problem or a
+    (RouteSpec, who) candidate, and what they add up to when no other network has the
+    same destinations."""
+
+    network: object
+    inputs: tuple
+    steps: dict
+    routes: dict
+    problems: tuple
+    distinct: bool
+
+
+def compute(config, networks, host, memo=None):
+    """Return the Desired state for the managed `networks` on `host` (`memo`: see Memo)."""
+    memo = memo or Memo()
+    fresh = {}
     problems = []
     shims, routes, managed = {}, {}, []
     host_ips = _host_ips(host)
@@ -149,11 +176,10 @@ def compute(config, networks, host):
                     continue
                 sources[subnet] = source
                 shim_addresses.add(ipaddress.ip_interface(f"{source}/{source.max_prefixlen}"))
-            for endpoint in network.endpoints:
-                for address in (endpoint.ipv4, endpoint.ipv6):
-                    if address is not None:
-                        _route_endpoint(network, endpoint, address, sources, name,
-                                        host_ips, facts, routes, problems)
+            inputs = (network.name, tuple(sources.items()), name, host_ips, facts)
+            entry = _network_routes(network, inputs, memo.networks.get(network.id))
+            fresh[network.id] = entry
+            _merge(entry, routes, problems)
         if shim_addresses:
             shims[name] = ShimSpec(name=name, parent=parent,
                                    mac=stable_mac(host.machine_id, parent),
@@ -162,6 +188,7 @@ def compute(config, networks, host):
     _outside_addresses(config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
     _outside_addresses(config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
     _additional_routes(config.additional_routes, shims, managed, facts, routes, problems)
+    memo.networks = fresh
     return Desired(shims=shims, routes=routes, networks=tuple(managed),
                    problems=tuple(problems))
 
@@ -225,7 +252,6 @@ def _shim_names(config, parents, host, problems):
 
 def _shim_address(config, network, subnet, parent, host, host_ips, problems):
     """The shim's own address for one subnet of `network`, or None (with a Problem)."""
-    taken = {e.ipv4 for e in network.endpoints} | {e.ipv6 for e in network.endpoints}
     if subnet.version == 4:
         configured = [a for a in config.bridge_ips if a in subnet]
         reuse = [a.ip for a in host.addresses_of(parent) if a.ip in subnet]
@@ -245,6 +271,7 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
     configured = [a for a in config.bridge_ip6s if a in subnet]
     if configured:
         return _checked(configured[0], "MACVLAN_BRIDGE_IP6", network, problems)
+    taken = {e.ipv6 for e in network.endpoints}
     generated = stable_ipv6(host.machine_id or network.id, parent, subnet,
                             taken | set(host_ips) | network.gateways | network.aux_addresses)
     if generated is None:
@@ -287,11 +314,64 @@ def _checked(address, key, network, problems):
     return address
 
 
-def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts, routes,
-                    problems):
+def _network_routes(network, inputs, previous):
+    """The _Routes of `network`, reusing what `previous` computed with the same inputs."""
+    if previous is not None and previous.inputs == inputs:
+        if previous.network is network:
+            return previous
+        known = previous.steps
+    else:
+        known = {}
+    _, sources, shim, host_ips, facts = inputs
+    sources = dict(sources)
+    steps = {}
+    for endpoint in network.endpoints:
+        found = known.get(endpoint)
+        if found is None:
+            found = tuple(step for step in (
+                _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts)
+                for address in (endpoint.ipv4, endpoint.ipv6) if address is not None)
+                if step is not None)
+        steps[endpoint] = found
+    routes, problems, count = {}, [], 0
+    for found in steps.values():
+        for step in found:
+            if isinstance(step, Problem):
+                problems.append(step)
+            else:
+                routes[step[0].dst] = step[0]
+                count += 1
+    return _Routes(network, inputs, steps, routes, tuple(problems), count == len(routes))
+
+
+def _merge(entry, routes, problems):
+    """Add one network's routes: at once when no destination is taken, else in order, the
+    first network (by name) keeping a destination two networks hold."""
+    if entry.distinct and routes.keys().isdisjoint(entry.routes):
+        routes.update(entry.routes)
+        problems.extend(entry.problems)
+        return
+    for found in entry.steps.values():
+        for step in found:
+            if isinstance(step, Problem):
+                problems.append(step)
+                continue
+            spec, who = step
+            if spec.dst in routes:
+                problems.append(Problem(
+                    f"{who} holds {spec.dst.network_address}, which network "
+                    f"{routes[spec.dst].network} also routes; overlapping subnets on two "
+                    "parents cannot both be reached, so only the first is routed",
+                    spec.network, kind="warning"))
+            else:
+                routes[spec.dst] = spec
+
+
+def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts):
+    """One endpoint address: a (RouteSpec, who) candidate, a Problem, or None."""
     subnet = next((s for s in sources if address in s), None)
     if subnet is None:
-        return  # No shim address for that subnet: already reported.
+        return None  # No shim address for that subnet: already reported.
     source = sources[subnet]
     who = f"container {endpoint.container_name} ({endpoint.short_id}) on network {network.name}"
     if address == source or address in host_ips:
@@ -302,33 +382,24 @@ def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts, 
                         (f"the host's own address on {host_ips[address]}", ""))
         # Docker handed out an address it should not have: that costs this container its
         # route, never the service (a restart would otherwise stop on it).
-        problems.append(Problem(
+        return Problem(
             f"{who} holds {address}, {owner}; that container is not routed. Keep Docker "
             f"off it (docker network create ... --aux-address host={address}){other}",
-            network.name, kind="warning"))
-        return
-    dst = ipaddress.ip_network(address)
-    if dst in routes:
-        problems.append(Problem(
-            f"{who} holds {address}, which network {routes[dst].network} also routes; "
-            "overlapping subnets on two parents cannot both be reached, so only the first "
-            "is routed", network.name, kind="warning"))
-        return
-    _want_route(RouteSpec(dst=dst, shim=shim, src=source, network=network.name,
-                          container_id=endpoint.container_id,
-                          container_name=endpoint.container_name),
-                facts, routes, problems,
-                lambda reason: f"{who} holds {address}, which is not routed: {reason}")
+            network.name, kind="warning")
+    spec = RouteSpec(dst=ipaddress.ip_network(address), shim=shim, src=source,
+                     network=network.name, container_id=endpoint.container_id,
+                     container_name=endpoint.container_name)
+    return _want_route(spec, facts, lambda reason: (
+        f"{who} holds {address}, which is not routed: {reason}")) or (spec, who)
 
 
-def _want_route(spec, facts, routes, problems, refused, kind="warning"):
-    """Add `spec` to `routes` unless the route-safety policy refuses it: the one gate
-    every route passes."""
+def _want_route(spec, facts, refused, kind="warning"):
+    """None when the route-safety policy lets `spec` be, else the Problem saying why not:
+    the one gate every route passes."""
     reason = safety.refusal(spec.dst, facts)
     if reason:
-        problems.append(Problem(refused(reason), spec.network or None, kind=kind))
-        return
-    routes[spec.dst] = spec
+        return Problem(refused(reason), spec.network or None, kind=kind)
+    return None
 
 
 def _outside_addresses(configured, key, networks, problems):
@@ -361,9 +432,12 @@ def _additional_routes(prefixes, shims, managed, facts, routes, problems):
         preferred = [ip for ip in own if any(ip in subnet for subnet, _ in inside)]
         if prefix in routes or not own:
             continue
-        _want_route(RouteSpec(dst=prefix, shim=shim.name, src=(preferred or own)[0],
-                              network="ADDITIONAL_ROUTES"),
-                    facts, routes, problems,
-                    lambda reason, prefix=prefix: (
-                        f"ADDITIONAL_ROUTES entry {prefix} is not routed: {reason}; remove it "
-                        "or list a narrower prefix"), kind="error")
+        spec = RouteSpec(dst=prefix, shim=shim.name, src=(preferred or own)[0],
+                         network="ADDITIONAL_ROUTES")
+        problem = _want_route(spec, facts, lambda reason, prefix=prefix: (
+            f"ADDITIONAL_ROUTES entry {prefix} is not routed: {reason}; remove it or list "
+            "a narrower prefix"), kind="error")
+        if problem:
+            problems.append(problem)
+        else:
+            routes[prefix] = spec

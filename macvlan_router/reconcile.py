@@ -53,6 +53,8 @@ class Reconciler:
         self.docker = docker
         self.netlink = netlink
         self.view = View()
+        # Each network's routes as last computed: an event recomputes what it changed.
+        self.memo = desired_state.Memo()
         # The host as last read, or as it is after our own route changes (plan.after).
         # Netlink tells the daemon when someone else changes it (invalidate_host);
         # keeping it saves a full dump on every Docker event.
@@ -99,6 +101,8 @@ class Reconciler:
             if not self.view.listed or REFRESH_ALL in scope:
                 listing = self.docker.list_networks()
                 self.view = self.view.after_list(listing, self.config.networks)
+                # A full re-read (start, reconnect, reload, resync) computes in full too.
+                self.memo = desired_state.Memo()
                 scope = (scope - {REFRESH_ALL}) | {REFRESH_ENDPOINTS}
         except DockerUnavailable as exc:
             return scope, exc
@@ -114,7 +118,7 @@ class Reconciler:
         return set(), None
 
     def compute(self, host):
-        want = desired_state.compute(self.config, self.view.networks(), host)
+        want = desired_state.compute(self.config, self.view.networks(), host, self.memo)
         plan = plan_mod.compute(want, host, self.view.protection())
         problems = self.view.problems() + want.problems + plan.problems
         return Outcome(desired=want, plan=plan, host=host, problems=problems)

@@ -242,6 +242,96 @@ def churn(client, network, count):
         list(pool.map(one, range(count)))
 
 
+class PureDocker:
+    """Docker's inspect answers as raw records, translated as DockerSource does."""
+
+    network_events = True
+
+    def __init__(self, records):
+        self.records = records
+
+    def list_networks(self):
+        from macvlan_router.docker_source import Listing, to_network
+        return Listing(tuple(to_network(dict(raw, Containers={}), {})[0]
+                             for raw in self.records.values()))
+
+    def inspect(self, network_id):
+        from macvlan_router.docker_source import to_network
+        network, problems = to_network(self.records[network_id], {})
+        return network, tuple(problems)
+
+
+class PureKernel:
+    """The model kernel (tests/unit/factories.apply_model) while setting up; while
+    measuring, apply() costs nothing: the kernel's share is not the daemon's."""
+
+    def __init__(self, host):
+        self.host, self.measuring = host, False
+        self.own = None
+
+    def read(self):
+        return self.host
+
+    def apply(self, actions, _host, _why):
+        from tests.unit.factories import apply_model
+        if not self.measuring:
+            self.host = apply_model(self.host, actions)
+        return 0
+
+
+def pure(endpoints, networks, events):
+    """CPU time of one connect (and one disconnect) event's processing without Docker or
+    the kernel: translate the inspect answer, refresh the view, compute, plan, apply."""
+    from macvlan_router.config import Config
+    from macvlan_router.model import Address, Host, Link
+    from macvlan_router.reconcile import Reconciler
+    import ipaddress
+    per = endpoints // networks
+    records, links, addresses = {}, [], []
+    for n in range(networks):
+        subnet = ipaddress.ip_network(f"198.18.{4 * n}.0/22")
+        hosts = subnet.hosts()
+        gateway, own = next(hosts), next(hosts)
+        records[f"{n:064x}"] = {
+            "Id": f"{n:064x}", "Name": f"bench{n}", "Driver": "macvlan",
+            "Options": {"parent": f"bench{n}"},
+            "IPAM": {"Config": [{"Subnet": str(subnet), "Gateway": str(gateway)}]},
+            "Containers": {f"{n:04x}{i:060x}": {"Name": f"c{n}-{i}", "IPv4Address":
+                                                 f"{next(hosts)}/22", "IPv6Address": ""}
+                           for i in range(per)}}
+        links.append(Link(index=n + 2, name=f"bench{n}"))
+        addresses.append(Address(f"bench{n}", ipaddress.ip_interface(f"{own}/22")))
+    kernel = PureKernel(Host(links=tuple(links), addresses=tuple(addresses),
+                             machine_id="0123456789abcdef0123456789abcdef"))
+    reconciler = Reconciler(Config(), PureDocker(records), kernel)
+
+    def event(network_id):
+        reconciler.refresh({network_id})
+        reconciler.apply(reconciler.assess())
+
+    reconciler.refresh({"all"})
+    reconciler.apply(reconciler.assess())
+    reconciler.apply(reconciler.assess())
+    target = records[f"{0:064x}"]["Containers"]
+    kernel.measuring = True
+    connect, disconnect = [], []
+    for i in range(events):
+        cid = f"ffff{i:060x}"
+        target[cid] = {"Name": f"new{i}", "IPv4Address": f"198.18.3.{i % 200 + 20}/22",
+                       "IPv6Address": ""}
+        started = time.process_time()
+        event(f"{0:064x}")
+        connect.append((time.process_time() - started) * 1000)
+        del target[cid]
+        started = time.process_time()
+        event(f"{0:064x}")
+        disconnect.append((time.process_time() - started) * 1000)
+    routes = len(reconciler.assess().desired.routes)
+    show(f"pure processing of one connect event, {routes} routes over {networks} networks "
+         "(CPU time)", connect)
+    show("pure processing of one disconnect event (CPU time)", disconnect)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--containers", type=int, default=30,
@@ -249,7 +339,12 @@ def main():
     parser.add_argument("--burst", type=int, default=0)
     parser.add_argument("--churn", type=int, default=0)
     parser.add_argument("--idle", type=float, default=0)
+    parser.add_argument("--pure", type=int, metavar="ENDPOINTS",
+                        help="only the micro-benchmark without Docker, at this many endpoints")
     args = parser.parse_args()
+    if args.pure:
+        pure(args.pure, 10, 20)
+        return
     problem = labmod.prereq_problem()
     if problem:
         sys.exit(f"cannot run the benchmark: {problem}")
