@@ -188,9 +188,24 @@ def compute(config, networks, host, memo=None):
     _outside_addresses(config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
     _outside_addresses(config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
     _additional_routes(config.additional_routes, shims, managed, facts, routes, problems)
+    changed = _changed(memo.networks, fresh, config) if memo.networks else None
     memo.networks = fresh
     return Desired(shims=shims, routes=routes, networks=tuple(managed),
-                   problems=tuple(problems))
+                   problems=tuple(problems), changed=changed)
+
+
+def _changed(before, now, config):
+    """Destinations whose route may differ between two computations: those of every
+    network computed anew or gone (a destination two networks hold included), and the
+    configured additional routes."""
+    changed = set(config.additional_routes)
+    for network_id in before.keys() | now.keys():
+        old, new = before.get(network_id), now.get(network_id)
+        if old is not new:
+            for entry in (old, new):
+                if entry is not None:
+                    changed.update(entry.routes)
+    return frozenset(changed)
 
 
 def _servable(network, problems):

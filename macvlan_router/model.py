@@ -4,6 +4,8 @@ Docker and netlink are translated into these at the edges, so desired.py and
 plan.py never see a library object and can be tested with literals.
 """
 
+import dataclasses
+import functools
 import ipaddress
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Optional, Tuple
@@ -109,7 +111,62 @@ class Host:
         return tuple(a for a in self.addresses if a.ifname == name)
 
     def default_gateways(self):
-        return frozenset(g for r in self.routes if r.dst.prefixlen == 0 for g in r.gateways)
+        return self.route_index.default_gateways
+
+    @functools.cached_property
+    def route_index(self):
+        """What the pure logic looks up in the routes, built once per snapshot."""
+        return RouteIndex.of(self.routes)
+
+    def with_routes(self, gone, new):
+        """This host without the routes `gone` (objects of this host) and with our routes
+        `new`, each replacing ours at its destination; the index follows along instead
+        of being rebuilt from every route."""
+        index = self.route_index
+        replaced = [index.owned[r.dst] for r in new if r.dst in index.owned]
+        dropped = {id(r) for r in gone} | {id(r) for r in replaced}
+        routes = tuple(r for r in self.routes if id(r) not in dropped) + tuple(new)
+        host = dataclasses.replace(self, routes=routes)
+        removed = tuple(gone) + tuple(replaced)
+        if not any(r.dst in index.shared for r in removed):
+            # Set where cached_property keeps it; otherwise built from `routes` on use.
+            host.__dict__["route_index"] = index.without(removed).adding(new)
+        return host
+
+
+@dataclass(frozen=True)
+class RouteIndex:
+    owned: Dict  # destination -> our route there (the last one listed, as a dump gives)
+    foreign: FrozenSet  # destinations of routes we do not own
+    default_gateways: FrozenSet
+    # Destinations with more than one of our routes (different metrics): removing one
+    # leaves another, so an index without it is rebuilt from the routes.
+    shared: FrozenSet = frozenset()
+
+    @classmethod
+    def of(cls, routes):
+        seen, shared = set(), set()
+        for route in routes:
+            if route.owned:
+                (shared if route.dst in seen else seen).add(route.dst)
+        return cls(owned={r.dst: r for r in routes if r.owned}, shared=frozenset(shared),
+                   foreign=frozenset(r.dst for r in routes if not r.owned),
+                   default_gateways=frozenset(g for r in routes if r.dst.prefixlen == 0
+                                              for g in r.gateways))
+
+    def without(self, routes):
+        owned = dict(self.owned)
+        for route in routes:
+            if owned.get(route.dst) is route:
+                del owned[route.dst]
+        return dataclasses.replace(self, owned=owned)
+
+    def adding(self, routes):
+        """With our `routes` added (never a default route: the safety policy refuses
+        anything that wide)."""
+        owned = dict(self.owned)
+        owned.update((r.dst, r) for r in routes)
+        return dataclasses.replace(self, owned=owned)
 
 
 @dataclass(frozen=True)
@@ -173,3 +230,6 @@ class Desired:
     routes: Dict[ipaddress._BaseNetwork, RouteSpec] = field(default_factory=dict)
     networks: Tuple[ManagedNetwork, ...] = ()
     problems: Tuple[Problem, ...] = ()
+    # Route destinations whose wanted route may differ from the computation before this
+    # one (desired.Memo); None: any may.
+    changed: Optional[FrozenSet] = field(default=None, compare=False)

@@ -4,9 +4,8 @@ Pure: no I/O. Ownership rules live here: we only ever delete or change links
 carrying our alias and routes carrying our protocol number.
 """
 
-import dataclasses
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Tuple
 
 from .desired import stable_mac
@@ -111,6 +110,11 @@ class Plan:
     pending: int = 0
     # Deletions held back by the Protection (Docker's view was not complete).
     kept: int = 0
+    # For the next plan, scoped to what changed: what every route's decision depends on
+    # besides its own destination, and the destinations whose decision is not "nothing
+    # to do" (kept, pending, or blocked by a foreign route: the Problem).
+    inputs: tuple = field(default=(), repr=False, compare=False)
+    routes_state: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def owned_shims(host):
@@ -124,12 +128,16 @@ def owned_shims(host):
                                                host.link_name(link.parent_index))))}
 
 
-def compute(desired, host, protection=Protection()):
+def compute(desired, host, protection=Protection(), previous=None, scope=None):
     """Return the Plan that turns `host` into `desired`, touching only what we own and
-    deleting nothing that `protection` covers."""
+    deleting nothing that `protection` covers.
+
+    With `previous`, the plan for the same desired state and host except at the route
+    destinations in `scope` (after it was carried out), only those destinations are
+    looked at; the result is the same as without."""
     problems = []
     ours = owned_shims(host)
-    owned_routes = {r.dst: r for r in host.routes if r.owned}
+    owned_routes = host.route_index.owned
     drop, create, kept = [], [], set()
     for name, link in ours.items():
         spec = desired.shims.get(name)
@@ -152,19 +160,9 @@ def compute(desired, host, protection=Protection()):
             create.append(spec)
         usable[name] = spec
 
-    actions = []
-    foreign = {r.dst for r in host.routes if not r.owned}
-    for dst, route in sorted(owned_routes.items(), key=_route_key):
-        want = desired.routes.get(dst)
-        if route.ifname in drop:
-            continue  # Goes with its link.
-        if want is None or want.shim not in usable:
-            if protection.covers(dst):
-                kept.add(dst)
-            else:
-                actions.append(RouteDel(route))
-    actions.extend(LinkDel(name) for name in sorted(drop))
-    actions.extend(LinkAdd(spec.name, spec.parent, spec.mac) for spec in create)
+    link_actions = []
+    link_actions.extend(LinkDel(name) for name in sorted(drop))
+    link_actions.extend(LinkAdd(spec.name, spec.parent, spec.mac) for spec in create)
 
     ready_sources = set()
     for name, spec in sorted(usable.items()):
@@ -175,20 +173,20 @@ def compute(desired, host, protection=Protection()):
             continue
         has_v4 = any(a.version == 4 for a in spec.addresses)
         if has_v4 and (fresh or not link.arp_filter):
-            actions.append(ArpFilter(name))
+            link_actions.append(ArpFilter(name))
         if fresh:
-            actions.append(RefuseRouterAdvertisements(name))
+            link_actions.append(RefuseRouterAdvertisements(name))
         if fresh or not link.up:
-            actions.append(LinkUp(name))
+            link_actions.append(LinkUp(name))
         present = {} if fresh else {a.interface: a for a in host.addresses_of(name)
                                     if not a.ip.is_link_local}
         for interface in sorted(set(present) - spec.addresses, key=_address_key):
             if protection.covers(interface.network) or protection.total:
                 kept.add(interface)
             else:
-                actions.append(AddrDel(name, interface))
+                link_actions.append(AddrDel(name, interface))
         for interface in sorted(spec.addresses - set(present), key=_address_key):
-            actions.append(AddrAdd(name, interface))
+            link_actions.append(AddrAdd(name, interface))
         for interface in spec.addresses & set(present):
             address = present[interface]
             if address.dad_failed:
@@ -200,29 +198,63 @@ def compute(desired, host, protection=Protection()):
                 ready_sources.add((name, address.ip))
         ready_sources.update((name, a.ip) for a in spec.addresses if a.version == 4)
 
-    pending = 0
-    for dst, spec in sorted(desired.routes.items(), key=_route_key):
-        if spec.shim not in usable:
-            continue
-        if dst in foreign:
-            problems.append(Problem(
-                f"{dst} already has a route that macvlan-router did not add; leaving it "
-                f"alone, so {spec.container_name or dst} is not routed via {spec.shim}",
-                spec.network or None, kind="warning"))
-            continue
-        if (spec.shim, spec.src) not in ready_sources:
-            pending += spec.dst.version == 6
-            continue
-        have = owned_routes.get(dst)
-        if have is None or have.ifname != spec.shim or have.src != spec.src \
-                or spec.shim in drop:
-            actions.append(RouteReplace(spec))
-    if kept:
+    inputs = (usable, drop, frozenset(ready_sources), protection)
+    if previous is not None and scope is not None and previous.inputs == inputs:
+        state = dict(previous.routes_state)
+        for dst in scope:
+            state.pop(dst, None)
+        looked_at = scope
+    else:
+        state, looked_at = {}, owned_routes.keys() | desired.routes.keys()
+    deletions, replacements = [], []
+    for dst in sorted(looked_at, key=_dst_key):
+        action, state[dst] = _route(dst, desired.routes.get(dst), owned_routes.get(dst),
+                                    dst in host.route_index.foreign, usable, drop,
+                                    ready_sources, protection)
+        if state[dst] is None:
+            del state[dst]
+        if isinstance(action, RouteDel):
+            deletions.append(action)
+        elif action is not None:
+            replacements.append(action)
+    routes_kept = 0
+    for dst, outcome in sorted(state.items(), key=lambda item: _dst_key(item[0])):
+        if isinstance(outcome, Problem):
+            problems.append(outcome)
+        routes_kept += outcome == KEPT
+    if kept or routes_kept:
         problems.append(Problem(
-            f"keeping {len(kept)} route(s), shim(s) or address(es) that Docker's networks no "
-            f"longer seem to need: {protection.reason}", kind="waiting"))
-    return Plan(actions=tuple(actions), problems=tuple(problems), pending=pending,
-                kept=len(kept))
+            f"keeping {len(kept) + routes_kept} route(s), shim(s) or address(es) that Docker's "
+            f"networks no longer seem to need: {protection.reason}", kind="waiting"))
+    return Plan(actions=tuple(deletions + link_actions + replacements),
+                problems=tuple(problems),
+                pending=sum(1 for outcome in state.values() if outcome == PENDING),
+                kept=len(kept) + routes_kept, inputs=inputs, routes_state=state)
+
+
+KEPT, PENDING = "kept", "pending"
+
+
+def _route(dst, want, have, foreign, usable, drop, ready_sources, protection):
+    """(the action for one destination or None, KEPT, PENDING, a Problem or None)."""
+    if have is not None and have.ifname not in drop and (want is None
+                                                          or want.shim not in usable):
+        if protection.covers(dst):
+            return None, KEPT
+        return RouteDel(have), None
+    if want is None or want.shim not in usable:
+        return None, None
+    if foreign:
+        return None, Problem(
+            f"{dst} already has a route that macvlan-router did not add; leaving it "
+            f"alone, so {want.container_name or dst} is not routed via {want.shim}",
+            want.network or None, kind="warning")
+    if (want.shim, want.src) not in ready_sources:
+        return None, PENDING if want.dst.version == 6 else None
+    if have is None or have.ifname != want.shim or have.src != want.src \
+            or want.shim in drop:
+        return RouteReplace(want), None
+    return None, None
 
 
 def after(host, actions):
@@ -233,13 +265,12 @@ def after(host, actions):
     if not all(isinstance(a, (RouteReplace, RouteDel)) for a in actions):
         return None
     new = {a.spec.dst: a.spec for a in actions if isinstance(a, RouteReplace)}
-    gone = {a.route for a in actions if isinstance(a, RouteDel)}
-    routes = [r for r in host.routes if r not in gone and not (r.owned and r.dst in new)]
-    routes.extend(Route(dst=spec.dst, ifname=spec.shim, proto=ROUTE_PROTO, src=spec.src,
-                        scope=route_scope(spec.dst),
-                        priority=IPV6_DEFAULT_METRIC if spec.dst.version == 6 else 0)
-                  for spec in new.values())
-    return dataclasses.replace(host, routes=tuple(routes))
+    return host.with_routes(
+        [a.route for a in actions if isinstance(a, RouteDel)],
+        [Route(dst=spec.dst, ifname=spec.shim, proto=ROUTE_PROTO, src=spec.src,
+               scope=route_scope(spec.dst),
+               priority=IPV6_DEFAULT_METRIC if spec.dst.version == 6 else 0)
+         for spec in new.values()])
 
 
 def _protected_link(name, host, owned_routes, protection):
@@ -248,8 +279,7 @@ def _protected_link(name, host, owned_routes, protection):
         protection.covers(a.interface.network) for a in host.addresses_of(name))
 
 
-def _route_key(item):
-    dst = item[0]
+def _dst_key(dst):
     return (dst.version, dst)
 
 

@@ -59,13 +59,15 @@ class Reconciler:
         # Netlink tells the daemon when someone else changes it (invalidate_host);
         # keeping it saves a full dump on every Docker event.
         self._host = None
+        # The plan that led to _host, and the route destinations it changed there.
+        self._last_plan, self._touched = None, frozenset()
         # netlink.Watched, for the netlink monitor; None until the first reconcile:
         # then everything matters.
         self.watched = None
         self._watched_names = frozenset()
 
     def invalidate_host(self):
-        self._host = None
+        self._host, self._last_plan = None, None
 
     def warm(self):
         """Read the host now, while idle, if the snapshot is stale (after our own changes),
@@ -119,7 +121,14 @@ class Reconciler:
 
     def compute(self, host):
         want = desired_state.compute(self.config, self.view.networks(), host, self.memo)
-        plan = plan_mod.compute(want, host, self.view.protection())
+        # The last plan carried out, if the host is still the one it led to: then only
+        # the destinations changed since (in Docker's view or by our own changes) are
+        # looked at again.
+        previous, self._last_plan = self._last_plan, None
+        scope = None
+        if previous is not None and host is self._host and want.changed is not None:
+            scope = want.changed | self._touched
+        plan = plan_mod.compute(want, host, self.view.protection(), previous, scope)
         problems = self.view.problems() + want.problems + plan.problems
         return Outcome(desired=want, plan=plan, host=host, problems=problems)
 
@@ -132,6 +141,12 @@ class Reconciler:
         host = outcome.host
         outcome.failed = self.netlink.apply(outcome.plan.actions, host, explain)
         self._host = None if outcome.failed else plan_mod.after(host, outcome.plan.actions)
+        self._last_plan, self._touched = None, frozenset()
+        if self._host is not None:  # plan.after: route actions only
+            self._last_plan = outcome.plan
+            self._touched = frozenset(
+                a.spec.dst if isinstance(a, plan_mod.RouteReplace) else a.route.dst
+                for a in outcome.plan.actions)
         self._watched_names = frozenset(
             set(outcome.desired.shims) | set(plan_mod.owned_shims(host))
             | {m.network.parent for m in outcome.desired.networks if m.network.parent})

@@ -81,8 +81,10 @@ def apply_model(h, actions):
         elif isinstance(action, plan.RouteReplace):
             spec = action.spec
             routes = [r for r in routes if not (r.owned and r.dst == spec.dst)]
+            # The kernel gives an IPv6 route without a metric its default one.
             routes.append(Route(dst=spec.dst, ifname=spec.shim, proto=210, src=spec.src,
-                                scope=plan.route_scope(spec.dst)))
+                                scope=plan.route_scope(spec.dst),
+                                priority=plan.IPV6_DEFAULT_METRIC * (spec.dst.version == 6)))
         elif isinstance(action, plan.RouteDel):
             routes.remove(action.route)
     return dataclasses.replace(h, links=tuple(links), addresses=tuple(addresses),
