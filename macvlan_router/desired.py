@@ -112,14 +112,17 @@ class Memo:
 
 @dataclasses.dataclass(frozen=True)
 class _Routes:
-    """One network's endpoints as routes: `steps` per endpoint, each a Problem or a
-    (RouteSpec, who) candidate, and what they add up to when no other network has the
+    """One network's endpoints as routes: `steps` per container id, (the endpoint, its
+    steps), each step a Problem or a (RouteSpec, who) candidate, and what they add up to when no other network has the
     same destinations."""
 
     network: object
     inputs: tuple
     steps: dict
     routes: dict
+    # The destinations again, as a set: set operations between sets reuse the hashes
+    # they keep, where a dict's keys view would hash every address again in Python.
+    destinations: frozenset
     problems: tuple
     distinct: bool
 
@@ -129,7 +132,7 @@ def compute(config, networks, host, memo=None):
     memo = memo or Memo()
     fresh = {}
     problems = []
-    shims, routes, managed = {}, {}, []
+    shims, routes, taken, managed = {}, {}, set(), []
     host_ips = _host_ips(host)
     networks = [_servable(network, problems) for network in networks]
     # Our shims' addresses are not in host_ips: they are derived from the desired state,
@@ -179,7 +182,7 @@ def compute(config, networks, host, memo=None):
             inputs = (network.name, tuple(sources.items()), name, host_ips, facts)
             entry = _network_routes(network, inputs, memo.networks.get(network.id))
             fresh[network.id] = entry
-            _merge(entry, routes, problems)
+            _merge(entry, routes, taken, problems)
         if shim_addresses:
             shims[name] = ShimSpec(name=name, parent=parent,
                                    mac=stable_mac(host.machine_id, parent),
@@ -201,10 +204,18 @@ def _changed(before, now, config):
     changed = set(config.additional_routes)
     for network_id in before.keys() | now.keys():
         old, new = before.get(network_id), now.get(network_id)
-        if old is not new:
-            for entry in (old, new):
-                if entry is not None:
-                    changed.update(entry.routes)
+        if old is new:
+            continue
+        if old is None or new is None or old.inputs != new.inputs:
+            changed.update(d for entry in (old, new) if entry is not None
+                           for d in entry.destinations)
+            continue
+        # The same inputs: only endpoints whose steps are not the very ones reused.
+        for key in old.steps.keys() | new.steps.keys():
+            was, now_ = old.steps.get(key, (None, ())), new.steps.get(key, (None, ()))
+            if was[1] is not now_[1]:
+                changed.update(step[0].dst for step in was[1] + now_[1]
+                               if not isinstance(step, Problem))
     return frozenset(changed)
 
 
@@ -340,33 +351,43 @@ def _network_routes(network, inputs, previous):
     _, sources, shim, host_ips, facts = inputs
     sources = dict(sources)
     steps = {}
-    for endpoint in network.endpoints:
-        found = known.get(endpoint)
-        if found is None:
+    for position, endpoint in enumerate(network.endpoints):
+        # By container id, a cheap key; the endpoint itself is compared only when it is
+        # not the very object translated before (docker_source reuses unchanged ones).
+        key = endpoint.container_id
+        if key in steps:  # Docker keys endpoints by container id: only a test repeats one
+            key = (key, position)
+        before = known.get(key)
+        if before is not None and (before[0] is endpoint or before[0] == endpoint):
+            found = before[1]
+        else:
             found = tuple(step for step in (
                 _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts)
                 for address in (endpoint.ipv4, endpoint.ipv6) if address is not None)
                 if step is not None)
-        steps[endpoint] = found
+        steps[key] = (endpoint, found)
     routes, problems, count = {}, [], 0
-    for found in steps.values():
+    for _, found in steps.values():
         for step in found:
             if isinstance(step, Problem):
                 problems.append(step)
             else:
                 routes[step[0].dst] = step[0]
                 count += 1
-    return _Routes(network, inputs, steps, routes, tuple(problems), count == len(routes))
+    return _Routes(network, inputs, steps, routes, frozenset(routes), tuple(problems),
+                   count == len(routes))
 
 
-def _merge(entry, routes, problems):
+def _merge(entry, routes, taken, problems):
     """Add one network's routes: at once when no destination is taken, else in order, the
-    first network (by name) keeping a destination two networks hold."""
-    if entry.distinct and routes.keys().isdisjoint(entry.routes):
+    first network (by name) keeping a destination two networks hold. `taken`: the keys
+    of `routes` as a set."""
+    if entry.distinct and taken.isdisjoint(entry.destinations):
         routes.update(entry.routes)
+        taken |= entry.destinations
         problems.extend(entry.problems)
         return
-    for found in entry.steps.values():
+    for _, found in entry.steps.values():
         for step in found:
             if isinstance(step, Problem):
                 problems.append(step)
@@ -380,6 +401,7 @@ def _merge(entry, routes, problems):
                     spec.network, kind="warning"))
             else:
                 routes[spec.dst] = spec
+                taken.add(spec.dst)
 
 
 def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts):

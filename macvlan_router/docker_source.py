@@ -60,8 +60,9 @@ def describe_unreachable(url, exc):
     return f"cannot reach Docker at {url}: {hint}"
 
 
-def to_network(raw, by_name):
+def to_network(raw, by_name, known=None):
     """Translate one `docker network inspect` (or list) record, following --config-from.
+    `known`: see _endpoints.
 
     Returns (Network or None, problems). Whatever the engine sends, a bad field costs
     only itself: a bad address or subnet is left out with a warning that names the
@@ -93,7 +94,7 @@ def to_network(raw, by_name):
         driver=raw.get("Driver") if isinstance(raw.get("Driver"), str) else "",
         parent=parent or None,
         subnets=tuple(_parsed(ipam, "Subnet", _prefix, bad)),
-        endpoints=_endpoints(raw, name, problems),
+        endpoints=_endpoints(raw, name, problems, known),
         gateways=frozenset(_parsed(ipam, "Gateway", _host, bad)),
         aux_addresses=frozenset(
             address for entry in ipam
@@ -172,7 +173,10 @@ def _host(text):
         return None
 
 
-def _endpoints(raw, network, problems):
+def _endpoints(raw, network, problems, known=None):
+    """`known`: container id -> (its record, its Endpoint) from the last read of this
+    network, updated here: a record that did not change is not translated again, and
+    keeps its Endpoint object (desired.Memo then finds its routes at once)."""
     containers = raw.get("Containers")
     if containers is None:
         return ()
@@ -187,6 +191,11 @@ def _endpoints(raw, network, problems):
         if not isinstance(info, dict):
             bad.skip(f"Containers[{cid[:12]}]", info)
             continue
+        before = known.get(cid) if known is not None else None
+        if before is not None and before[0] == info:
+            endpoints.append(before[1])
+            continue
+        complaints = len(problems)
         name = info.get("Name") if isinstance(info.get("Name"), str) and info["Name"] \
             else cid[:12]
         mine = _Complaints(f"container {name} ({cid[:12]}) on network {network}", network,
@@ -200,6 +209,11 @@ def _endpoints(raw, network, problems):
             addresses[version] = address
         endpoints.append(Endpoint(container_id=cid, container_name=name,
                                   ipv4=addresses[4], ipv6=addresses[6]))
+        if known is not None and len(problems) == complaints:
+            known[cid] = (info, endpoints[-1])
+    if known is not None:
+        for gone in known.keys() - containers.keys():
+            del known[gone]
     return tuple(endpoints)
 
 
@@ -229,6 +243,7 @@ class DockerSource:
         self.before_call = before_call
         self._api = None
         self._raw = {}  # network name -> list entry, for --config-from lookups
+        self._known = {}  # network id -> _endpoints' translations of its last inspect
 
     def _connected(self):
         if self._api is None:
@@ -259,6 +274,8 @@ class DockerSource:
                 "list; retrying")
         self._raw = {entry["Name"]: entry for entry in raw
                      if isinstance(entry, dict) and isinstance(entry.get("Name"), str)}
+        listed = {entry.get("Id") for entry in raw if isinstance(entry, dict)}
+        self._known = {k: v for k, v in self._known.items() if k in listed}
         networks, problems, unreadable = [], [], 0
         for entry in raw:
             if isinstance(entry, dict) and entry.get("ConfigOnly"):
@@ -280,7 +297,7 @@ class DockerSource:
             raw = self._call("inspect_network", network_id)
         except docker.errors.NotFound:
             return None, ()
-        network, problems = to_network(raw, self._raw)
+        network, problems = to_network(raw, self._raw, self._known.setdefault(network_id, {}))
         if network is None:
             raise DockerUnavailable(f"reading network {network_id[:12]} from Docker at "
                                     f"{self.url}: " + "; ".join(p.message for p in problems))

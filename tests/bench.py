@@ -19,6 +19,7 @@ The bench networks use 198.18.0.0/15 (the benchmarking range), one veth parent e
 import argparse
 import contextlib
 import io
+import json
 import os
 import statistics
 import subprocess
@@ -249,6 +250,12 @@ class PureDocker:
 
     def __init__(self, records):
         self.records = records
+        self.known = {}
+        self.answers = {}
+
+    def answer(self, network_id):
+        """What the API would return next, decoded from JSON (not part of the timing)."""
+        self.answers[network_id] = json.loads(json.dumps(self.records[network_id]))
 
     def list_networks(self):
         from macvlan_router.docker_source import Listing, to_network
@@ -257,7 +264,8 @@ class PureDocker:
 
     def inspect(self, network_id):
         from macvlan_router.docker_source import to_network
-        network, problems = to_network(self.records[network_id], {})
+        raw = self.answers.pop(network_id, None) or self.records[network_id]
+        network, problems = to_network(raw, {}, self.known.setdefault(network_id, {}))
         return network, tuple(problems)
 
 
@@ -303,7 +311,8 @@ def pure(endpoints, networks, events):
         addresses.append(Address(f"bench{n}", ipaddress.ip_interface(f"{own}/22")))
     kernel = PureKernel(Host(links=tuple(links), addresses=tuple(addresses),
                              machine_id="0123456789abcdef0123456789abcdef"))
-    reconciler = Reconciler(Config(), PureDocker(records), kernel)
+    docker = PureDocker(records)
+    reconciler = Reconciler(Config(), docker, kernel)
 
     def event(network_id):
         reconciler.refresh({network_id})
@@ -319,10 +328,12 @@ def pure(endpoints, networks, events):
         cid = f"ffff{i:060x}"
         target[cid] = {"Name": f"new{i}", "IPv4Address": f"198.18.3.{i % 200 + 20}/22",
                        "IPv6Address": ""}
+        docker.answer(f"{0:064x}")
         started = time.process_time()
         event(f"{0:064x}")
         connect.append((time.process_time() - started) * 1000)
         del target[cid]
+        docker.answer(f"{0:064x}")
         started = time.process_time()
         event(f"{0:064x}")
         disconnect.append((time.process_time() - started) * 1000)

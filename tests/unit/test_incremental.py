@@ -124,11 +124,11 @@ def test_a_changed_network_reuses_the_routes_of_the_endpoints_it_kept():
     memo = desired.Memo()
     first = network("lan0", parent="eth0", endpoints=[endpoint("a", "198.51.100.130")])
     desired.compute(Config(), [first], HOST, memo)
-    kept = memo.networks[first.id].steps[first.endpoints[0]]
+    kept = memo.networks[first.id].steps[first.endpoints[0].container_id][1]
     second = dataclasses.replace(first, endpoints=first.endpoints + (
         endpoint("b", "198.51.100.131"),))
     want = desired.compute(Config(), [second], HOST, memo)
-    assert memo.networks[second.id].steps[first.endpoints[0]] is kept
+    assert memo.networks[second.id].steps[first.endpoints[0].container_id][1] is kept
     assert len(want.routes) == 2
 
 
