@@ -113,8 +113,8 @@ class Memo:
 @dataclasses.dataclass(frozen=True)
 class _Routes:
     """One network's endpoints as routes: `steps` per container id, (the endpoint, its
-    steps), each step a Problem or a (RouteSpec, who) candidate, and what they add up to when no other network has the
-    same destinations."""
+    steps), each step a Problem or a (RouteSpec, who) candidate, and what they add up to
+    when no other network has the same destinations."""
 
     network: object
     inputs: tuple

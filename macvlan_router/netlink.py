@@ -394,8 +394,9 @@ class ChangeFilter:
 
     `watched` is a Watched, or None before the first reconcile, meaning "all". Container
     interfaces come and go on every `docker run` and are ignored, and so are our own
-    route additions and deletions. Over-reporting is harmless (the reconcile finds nothing to do) but
-    costs a netlink dump; under-reporting leaves a repair to the resync timer.
+    route additions and deletions. Over-reporting is harmless (the reconcile finds
+    nothing to do) but costs a netlink dump; under-reporting leaves a repair to the
+    resync timer.
     """
 
     def __init__(self):

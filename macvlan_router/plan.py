@@ -237,12 +237,12 @@ KEPT, PENDING = "kept", "pending"
 
 def _route(dst, want, have, foreign, usable, drop, ready_sources, protection):
     """(the action for one destination or None, KEPT, PENDING, a Problem or None)."""
-    if have is not None and have.ifname not in drop and (want is None
-                                                          or want.shim not in usable):
+    unwanted = want is None or want.shim not in usable
+    if have is not None and have.ifname not in drop and unwanted:
         if protection.covers(dst):
             return None, KEPT
         return RouteDel(have), None
-    if want is None or want.shim not in usable:
+    if unwanted:
         return None, None
     if foreign:
         return None, Problem(

@@ -120,8 +120,8 @@ class FloorWatch(Stamps):
         import docker
         self.events = docker.APIClient(base_url=engine.host, version="auto", timeout=60)
         self.api = docker.APIClient(base_url=engine.host, version="auto", timeout=60)
-        self.stream = self.events.events(decode=True, filters={"type": ["network"],
-                                                                "event": ["connect"]})
+        self.stream = self.events.events(
+            decode=True, filters={"type": ["network"], "event": ["connect"]})
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
@@ -304,9 +304,10 @@ def pure(endpoints, networks, events):
             "Id": f"{n:064x}", "Name": f"bench{n}", "Driver": "macvlan",
             "Options": {"parent": f"bench{n}"},
             "IPAM": {"Config": [{"Subnet": str(subnet), "Gateway": str(gateway)}]},
-            "Containers": {f"{n:04x}{i:060x}": {"Name": f"c{n}-{i}", "IPv4Address":
-                                                 f"{next(hosts)}/22", "IPv6Address": ""}
-                           for i in range(per)}}
+            "Containers": {
+                f"{n:04x}{i:060x}": {"Name": f"c{n}-{i}", "IPv4Address": f"{next(hosts)}/22",
+                                     "IPv6Address": ""}
+                for i in range(per)}}
         links.append(Link(index=n + 2, name=f"bench{n}"))
         addresses.append(Address(f"bench{n}", ipaddress.ip_interface(f"{own}/22")))
     kernel = PureKernel(Host(links=tuple(links), addresses=tuple(addresses),
