@@ -6,7 +6,7 @@ import queue
 
 from macvlan_router import daemon as daemon_mod
 from macvlan_router.config import Config, Selector
-from macvlan_router.docker_source import REFRESH_ALL, Listing
+from macvlan_router.docker_source import CONTAINER_CHANGED, REFRESH_ALL, Listing
 from macvlan_router.errors import EX_CONFIG, EX_OK, DockerUnavailable
 from macvlan_router.model import Address
 from macvlan_router.notify import Watchdog
@@ -296,3 +296,27 @@ def test_an_unreadable_list_record_does_not_block_the_start():
 def leftovers_plus(dst):
     h = leftovers()
     return dataclasses.replace(h, routes=h.routes + (route(dst, "mvr-eth0", "198.51.100.2"),))
+
+
+def test_a_container_start_or_die_costs_no_docker_call_on_docker():
+    docker = FakeDocker(lan(("web", C1)))
+    d, netlink, _ = make(docker)
+    connected(d)
+    d.step()
+    calls, applied = docker.calls, len(netlink.applied)
+    d.triggers.put((daemon_mod.DOCKER, CONTAINER_CHANGED))
+    d.step()
+    assert docker.calls == calls and len(netlink.applied) == applied
+
+
+def test_an_engine_without_network_events_reads_the_networks_on_a_container_event():
+    docker = FakeDocker(lan(("web", C1)))
+    docker.network_events = False
+    d, netlink, _ = make(docker)
+    connected(d)
+    d.step()
+    net_id = next(iter(docker.networks))
+    docker.networks[net_id] = lan(("web", C1), ("new", C2))
+    d.triggers.put((daemon_mod.DOCKER, CONTAINER_CHANGED))
+    d.step()
+    assert owned(netlink) == {f"{C1}/32", f"{C2}/32"}

@@ -115,3 +115,25 @@ def test_classify(event, scope):
                                                                 "Action": "connect"}])
 def test_classify_survives_odd_events(event):
     classify(event)
+
+
+def test_an_unchanged_endpoint_record_keeps_its_translation():
+    known = {}
+    first, _ = to_network(record(), {}, known)
+    again = record()
+    again["Containers"][GOOD_CID] = dict(again["Containers"][GOOD_CID])  # a new decode
+    del again["Containers"][BAD_CID]
+    second, _ = to_network(again, {}, known)
+    assert second.endpoints[0] is first.endpoints[0]
+    assert set(known) == {GOOD_CID}, "a container gone is forgotten"
+    again["Containers"][GOOD_CID]["IPv4Address"] = "198.51.100.140/24"
+    third, _ = to_network(again, {}, known)
+    assert str(third.endpoints[0].ipv4) == "198.51.100.140"
+
+
+def test_a_record_with_a_bad_field_warns_on_every_read():
+    known = {}
+    raw = record()
+    raw["Containers"][BAD_CID]["IPv6Address"] = "not an address"
+    assert len(to_network(raw, {}, known)[1]) == 1
+    assert len(to_network(raw, {}, known)[1]) == 1
