@@ -347,18 +347,22 @@ class OwnChanges:
 
     Thread-safe: the main thread expects a deletion before making it (the kernel queues
     the notification before it answers) and cancels it when the deletion failed; the
-    monitor takes one expectation per notification. An expectation never matched stays
-    until forget(): the worst it can do is hide one later deletion of the same route from
-    the monitor, which the next full resync repairs; forget() runs on every overflow.
+    monitor takes one expectation per notification. An expectation whose notification
+    never came (the monitor was reconnecting) lapses after EXPECTED_FOR seconds, and all
+    go on an overflow: until then it could hide someone else's deletion of the same
+    route, which the next resync would repair.
     """
 
-    def __init__(self):
+    EXPECTED_FOR = 5.0
+
+    def __init__(self, clock=time.monotonic):
+        self.clock = clock
         self._lock = threading.Lock()
-        self._deletions = {}
+        self._deletions = {}   # destination -> deadlines, one per deletion expected
 
     def expect(self, dst):
         with self._lock:
-            self._deletions[dst] = self._deletions.get(dst, 0) + 1
+            self._deletions.setdefault(dst, []).append(self.clock() + self.EXPECTED_FOR)
 
     def cancel(self, dst):
         self.take(dst)
@@ -366,13 +370,12 @@ class OwnChanges:
     def take(self, dst):
         """True when a deletion of `dst` was expected (and is now no longer)."""
         with self._lock:
-            left = self._deletions.get(dst, 0)
-            if not left:
+            now = self.clock()
+            deadlines = [d for d in self._deletions.pop(dst, ()) if d >= now]
+            if not deadlines:
                 return False
-            if left == 1:
-                del self._deletions[dst]
-            else:
-                self._deletions[dst] = left - 1
+            if len(deadlines) > 1:
+                self._deletions[dst] = deadlines[1:]
             return True
 
     def forget(self):

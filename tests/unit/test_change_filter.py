@@ -43,6 +43,15 @@ def test_a_cancelled_deletion_is_no_longer_expected():
     assert relevant(gone, WATCHED._replace(own=own))
 
 
+def test_an_expectation_whose_notification_never_came_lapses():
+    now = [100.0]
+    own = OwnChanges(clock=lambda: now[0])
+    gone = Change(RTM_DELROUTE, proto=ROUTE_PROTO, host_route=True, dst=net("198.51.100.9/32"))
+    own.expect(gone.dst)
+    now[0] += OwnChanges.EXPECTED_FOR + 1
+    assert relevant(gone, WATCHED._replace(own=own)), "someone else's deletion, later"
+
+
 def test_our_own_route_added_is_not():
     assert not relevant(Change(RTM_NEWROUTE, proto=ROUTE_PROTO, host_route=True))
 
