@@ -142,7 +142,7 @@ class Daemon:
             elif kind == LOST:
                 self._stream_lost(arg)
             elif kind == HOST:
-                self.reconciler.invalidate_host()
+                self.reconciler.host_changed()
         return kinds
 
     def _warm(self):

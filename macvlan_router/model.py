@@ -140,6 +140,24 @@ class Host:
             host.__dict__["route_index"] = index.without(removed).adding(new)
         return host
 
+    def with_notified_routes(self, changes):
+        """This host after netlink's route notifications, (added, Route whose ifname is
+        an interface index) in order; None when one names a link this snapshot lacks.
+        A route is the kernel's by destination and metric: a notification replaces or
+        removes the one there, so one already in the snapshot changes nothing."""
+        routes = list(self.routes)
+        for added, route in changes:
+            if route.ifname is not None:
+                name = self.link_name(route.ifname)
+                if name is None:
+                    return None
+                route = dataclasses.replace(route, ifname=name)
+            routes = [r for r in routes
+                      if not (r.priority == route.priority and r.dst == route.dst)]
+            if added:
+                routes.append(route)
+        return dataclasses.replace(self, routes=tuple(routes))
+
 
 @dataclass(frozen=True)
 class RouteIndex:

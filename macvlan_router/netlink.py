@@ -383,13 +383,52 @@ class OwnChanges:
             self._deletions.clear()
 
 
+class HostNews:
+    """What the monitor saw change since the main thread last looked: route changes the
+    main thread folds into its snapshot of the host, or a change it cannot (a link, an
+    address, dropped notifications), which means reading the whole host again.
+
+    Thread-safe: the monitor adds, the main thread takes.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._routes, self._everything = [], False
+
+    def route(self, added, route):
+        """A route added or deleted; its `ifname` is still the interface index."""
+        with self._lock:
+            self._routes.append((added, route))
+
+    def everything(self):
+        with self._lock:
+            self._everything = True
+
+    def take(self):
+        """(route changes in order, whether everything must be read again)."""
+        with self._lock:
+            news = (self._routes, self._everything)
+            self._routes, self._everything = [], False
+            return news
+
+
+class _Indexes:
+    """A names-by-index mapping that keeps the index: the monitor has no names."""
+
+    @staticmethod
+    def get(index):
+        return index
+
+
 class Watched(NamedTuple):
     """The links whose changes matter (our shims, the managed networks' parents) by name
-    and index, and the route deletions the daemon is making itself."""
+    and index, the route deletions the daemon is making itself, and where to tell the
+    main thread what changed."""
 
     names: frozenset = frozenset()
     indexes: frozenset = frozenset()
     own: Optional[OwnChanges] = None
+    news: Optional[HostNews] = None
 
 
 class ChangeFilter:
@@ -411,7 +450,7 @@ class ChangeFilter:
         self._links.clear()
 
     def relevant(self, change, watched):
-        names, indexes, own = watched or Watched()
+        names, indexes, own, _ = watched or Watched()
         if change.kind in (RTM_NEWLINK, RTM_DELLINK):
             if watched is not None and change.name not in names:
                 self._links.pop(change.index, None)
@@ -459,6 +498,7 @@ class Monitor:
                 with IPRoute() as ipr:
                     ipr.bind(groups=self.GROUPS)
                     # Anything may have changed while we were not listening.
+                    self._everything()
                     self.on_change()
                     delay = 0.1
                     self._listen(ipr)
@@ -482,7 +522,30 @@ class Monitor:
                 watched = self.watched()
                 if watched is not None and watched.own is not None:
                     watched.own.forget()
+                self._everything()
                 self.on_change()
                 continue
-            if any(self.filter.relevant(Change.of(msg), self.watched()) for msg in messages):
+            watched = self.watched()
+            relevant = False
+            for msg in messages:
+                change = Change.of(msg)
+                if self.filter.relevant(change, watched):
+                    relevant = True
+                    self._tell(watched, change, msg)
+            if relevant:
                 self.on_change()
+
+    def _everything(self):
+        watched = self.watched()
+        if watched is not None and watched.news is not None:
+            watched.news.everything()
+
+    @staticmethod
+    def _tell(watched, change, msg):
+        """Pass a route change on as a model Route; anything else asks for a full read."""
+        if watched is None or watched.news is None:
+            return
+        if change.kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            watched.news.route(change.kind == RTM_NEWROUTE, Netlink._route(msg, _Indexes))
+        else:
+            watched.news.everything()

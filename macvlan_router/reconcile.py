@@ -13,7 +13,7 @@ from .docker_source import CONTAINER_CHANGED, REFRESH_ALL, REFRESH_ENDPOINTS
 from .errors import DockerUnavailable
 from .log import fields
 from .model import Desired, Host
-from .netlink import Watched
+from .netlink import HostNews, Watched
 from .view import View
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class Reconciler:
         self._host = None
         # The plan that led to _host, and the route destinations it changed there.
         self._last_plan, self._touched = None, frozenset()
+        # What the netlink monitor saw change, for host_changed().
+        self.news = HostNews()
         # netlink.Watched, for the netlink monitor; None until the first reconcile:
         # then everything matters.
         self.watched = None
@@ -68,6 +70,19 @@ class Reconciler:
 
     def invalidate_host(self):
         self._host, self._last_plan = None, None
+
+    def host_changed(self):
+        """Netlink reported changes: route changes go into the snapshot (and the next
+        plan looks at their destinations); anything else means reading the host again."""
+        routes, everything = self.news.take()
+        host = None
+        if routes and not everything and self._host is not None:
+            host = self._host.with_notified_routes(routes)
+        if host is None:
+            self.invalidate_host()
+            return
+        self._host = host
+        self._touched = self._touched | {route.dst for _, route in routes}
 
     def warm(self):
         """Read the host now, while idle, if the snapshot is stale (after our own changes),
@@ -80,7 +95,7 @@ class Reconciler:
         # Indexes from the latest read: a shim created by the last apply has one now.
         self.watched = Watched(self._watched_names, frozenset(
             link.index for link in host.links if link.name in self._watched_names),
-            self.netlink.own)
+            self.netlink.own, self.news)
 
     def owed_for(self, scope):
         """What an event's scope (docker_source.classify) owes: a container start or die
