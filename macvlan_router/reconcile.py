@@ -83,6 +83,7 @@ class Reconciler:
             return
         self._host = host
         self._touched = self._touched | {route.dst for _, route in routes}
+        log.debug("%d route notification(s) folded into the host snapshot", len(routes))
 
     def warm(self):
         """Read the host now, while idle, if the snapshot is stale (after our own changes),
