@@ -104,7 +104,8 @@ def compute(config, networks, host):
     problems = []
     shims, routes, managed = {}, {}, []
     host_ips = _host_ips(host)
-    networks = [_servable(network, problems) for network in networks]
+    networks = [_servable(_with_parent(network, host, problems), problems)
+                for network in networks]
     # Our shims' addresses are not in host_ips: they are derived from the desired state,
     # and _route_endpoint refuses a shim's own address by itself.
     facts = safety.HostFacts(
@@ -179,6 +180,22 @@ def _servable(network, problems):
         return network
     return dataclasses.replace(network, subnets=tuple(
         s for s in network.subnets if s not in wide))
+
+
+def _with_parent(network, host, problems):
+    """The network with the interface of the host's default route as its parent, when it
+    names none and its containers take that one (Podman's blank parent)."""
+    if network.parent or not network.default_route_parent:
+        return network
+    parent = host.default_route_interface()
+    if parent is None:
+        problems.append(Problem(
+            f"network {network.name} names no parent interface, so its containers use the "
+            "interface of the host's default route, and this host has no default route; "
+            "add one, or recreate the network with -o parent=<interface>", network.name,
+            kind="warning"))
+        return network
+    return dataclasses.replace(network, parent=parent)
 
 
 def _host_ips(host):

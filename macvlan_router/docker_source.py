@@ -1,5 +1,11 @@
-"""The Docker edge: list and inspect networks as model values, and follow the event stream."""
+"""The Docker edge: list and inspect networks as model values, and follow the event stream.
 
+The engine may be Docker or a rootful Podman behind its Docker-compatible API: each
+connection asks `GET /version` which one answers, and podman.py holds what Podman
+answers differently.
+"""
+
+import dataclasses
 import ipaddress
 import logging
 import threading
@@ -9,6 +15,7 @@ from typing import Tuple
 import docker
 import requests
 
+from . import podman
 from .errors import DockerUnavailable
 from .model import Endpoint, Network, Problem
 
@@ -19,6 +26,13 @@ API_TIMEOUT = 10
 EVENT_FILTERS = {
     "type": ["network", "container"],
     "event": ["connect", "disconnect", "create", "destroy", "start", "die"],
+}
+# Podman filters on its own names ("died"; the stream then says "die"), refuses filter keys
+# it does not know, and tears a container's network down at "died" or "cleanup". Network
+# create and remove are announced from Podman 5.4 only.
+PODMAN_EVENT_FILTERS = {
+    "type": ["network", "container"],
+    "event": ["connect", "disconnect", "remove", "start", "died", "cleanup"],
 }
 # What an event asks the next reconcile to refresh.
 REFRESH_ALL = "all"            # re-list networks and inspect every managed one
@@ -50,31 +64,38 @@ def describe_unreachable(url, exc):
     text = str(exc)
     if isinstance(exc, docker.errors.APIError) or isinstance(exc, ValueError):
         return f"Docker at {url} answered badly ({_brief(text, 200)}); retrying"
+    podman_socket = "podman" in url
     if "Permission denied" in text or "PermissionError" in text:
-        hint = "the user running macvlan-router needs to be in the docker group"
+        hint = ("the user running macvlan-router needs access to Podman's socket, which is "
+                "root's alone by default: give it to the group docker (SocketGroup=docker "
+                "in a drop-in for podman.socket, then systemctl restart podman.socket)"
+                if podman_socket else
+                "the user running macvlan-router needs to be in the docker group")
     elif "No such file" in text or "FileNotFoundError" in text or "Connection refused" in text:
-        hint = "is the Docker engine running? (systemctl status docker)"
+        hint = ("is Podman's API socket on? (systemctl enable --now podman.socket)"
+                if podman_socket else "is the Docker engine running? (systemctl status docker)")
     else:
         hint = "check DOCKER_HOST and that the engine is running"
     return f"cannot reach Docker at {url}: {hint}"
 
 
-def to_network(raw, by_name):
+def to_network(raw, by_name, engine="Docker"):
     """Translate one `docker network inspect` (or list) record, following --config-from.
 
     Returns (Network or None, problems). Whatever the engine sends, a bad field costs
     only itself: a bad address or subnet is left out with a warning that names the
     network, the container and the field; a record without a usable Id or Name is None.
+    `engine` names who answered, in the warnings.
     """
     if not isinstance(raw, dict):
-        return None, [_odd(f"a network record that is not an object ({_brief(raw)})")]
+        return None, [_odd(f"a network record that is not an object ({_brief(raw)})", engine)]
     net_id, name = raw.get("Id"), raw.get("Name")
     for field, value in (("Id", net_id), ("Name", name)):
         if not isinstance(value, str) or not value:
             return None, [_odd(f"a network record without a usable {field} "
-                               f"({_brief(raw)}); it is skipped")]
+                               f"({_brief(raw)}); it is skipped", engine)]
     problems = []
-    bad = _Complaints(f"network {name}", name, problems)
+    bad = _Complaints(f"network {name}", name, problems, engine)
     source = raw
     config_from = _mapping(raw.get("ConfigFrom"), bad, "ConfigFrom").get("Network")
     if config_from:
@@ -90,7 +111,7 @@ def to_network(raw, by_name):
         driver=raw.get("Driver") if isinstance(raw.get("Driver"), str) else "",
         parent=parent or None,
         subnets=tuple(_parsed(ipam, "Subnet", _prefix, bad)),
-        endpoints=_endpoints(raw, name, problems),
+        endpoints=_endpoints(raw, name, problems, engine),
         gateways=frozenset(_parsed(ipam, "Gateway", _host, bad)),
         aux_addresses=frozenset(
             address for entry in ipam
@@ -106,19 +127,20 @@ def to_network(raw, by_name):
 class _Complaints:
     """Collects one warning per bad field, all worded the same way."""
 
-    def __init__(self, subject, network, problems):
+    def __init__(self, subject, network, problems, engine):
         self.subject, self.network, self.problems = subject, network, problems
+        self.engine = engine
 
     def skip(self, field, value, what="left out"):
         self.problems.append(Problem(
-            f"{self.subject}: Docker reports {field}={_brief(value)}, which is not valid; it "
-            f"is {what} (routes it may have had are kept until Docker reports it correctly)",
-            self.network, kind="warning"))
+            f"{self.subject}: {self.engine} reports {field}={_brief(value)}, which is not "
+            f"valid; it is {what} (routes it may have had are kept until {self.engine} "
+            "reports it correctly)", self.network, kind="warning"))
         return None
 
 
-def _odd(what):
-    return Problem(f"Docker returned {what}; routes it may own are kept", kind="warning")
+def _odd(what, engine):
+    return Problem(f"{engine} returned {what}; routes it may own are kept", kind="warning")
 
 
 def _brief(value, limit=80):
@@ -169,11 +191,11 @@ def _host(text):
         return None
 
 
-def _endpoints(raw, network, problems):
+def _endpoints(raw, network, problems, engine):
     containers = raw.get("Containers")
     if containers is None:
         return ()
-    bad = _Complaints(f"network {network}", network, problems)
+    bad = _Complaints(f"network {network}", network, problems, engine)
     if not isinstance(containers, dict):
         bad.skip("Containers", containers, "ignored")
         return ()
@@ -187,17 +209,23 @@ def _endpoints(raw, network, problems):
         name = info.get("Name") if isinstance(info.get("Name"), str) and info["Name"] \
             else cid[:12]
         mine = _Complaints(f"container {name} ({cid[:12]}) on network {network}", network,
-                           problems)
-        addresses = {}
-        for field, version in (("IPv4Address", 4), ("IPv6Address", 6)):
-            text = info.get(field)
-            address = _host(text) if text else None
-            if text and (address is None or address.version != version):
-                address = mine.skip(field, text)
-            addresses[version] = address
+                           problems, engine)
+        addresses = {field: _address(info.get(field), field, mine) for field in FAMILY}
         endpoints.append(Endpoint(container_id=cid, container_name=name,
-                                  ipv4=addresses[4], ipv6=addresses[6]))
+                                  ipv4=addresses["IPv4Address"], ipv6=addresses["IPv6Address"]))
     return tuple(endpoints)
+
+
+FAMILY = {"IPv4Address": 4, "IPv6Address": 6}
+
+
+def _address(text, field, bad):
+    """A container's address in `field` (IPv4Address or IPv6Address, with or without a
+    prefix length), None when empty, or None with a warning when it is not valid."""
+    address = _host(text) if text else None
+    if text and (address is None or address.version != FAMILY[field]):
+        return bad.skip(field, text)
+    return address
 
 
 @dataclass(frozen=True)
@@ -220,11 +248,23 @@ class DockerSource:
         self.url = url
         self.before_call = before_call
         self._api = None
+        self._libpod = None  # "/vX.Y.Z/libpod" while connected to Podman; None: Docker
         self._raw = {}  # network name -> list entry, for --config-from lookups
+        self._records = {}  # Podman: network id -> libpod record, from the last list
+
+    @property
+    def engine(self):
+        return "Podman" if self._libpod else "Docker"
 
     def _connected(self):
         if self._api is None:
-            self._api = _client(self.url)
+            api = _client(self.url)
+            try:
+                self._libpod = _libpod_prefix(api)
+            except BaseException:
+                api.close()
+                raise
+            self._api = api
         return self._api
 
     def disconnect(self):
@@ -232,35 +272,58 @@ class DockerSource:
             self._api.close()
         self._api = None
 
-    def _call(self, method, *args):
+    def _request(self, read):
+        """read(api) on the connected client; a failure becomes DockerUnavailable."""
         self.before_call()
         try:
-            return getattr(self._connected(), method)(*args)
+            return read(self._connected())
         except docker.errors.NotFound:
             raise
         except FAILED as exc:
             self.disconnect()
             raise DockerUnavailable(describe_unreachable(self.url, exc)) from None
 
+    def _call(self, method, *args):
+        return self._request(lambda api: getattr(api, method)(*args))
+
+    def _libpod_get(self, path, *args):
+        return self._request(lambda api: self._libpod_read(api, path, *args))
+
+    def _libpod_read(self, api, path, *args):
+        """GET a libpod path. The URL is built here: docker-py puts its Docker API version
+        in every URL it builds, and libpod paths need a libpod version."""
+        return api._result(api._get(api._url(self._libpod + path, *args, versioned_api=False)),
+                           json=True)
+
     def list_networks(self):
         """Every network, without endpoints (the list call does not return them)."""
-        raw = self._call("networks")
+        # Podman's compat list inspects every container for every network; its libpod list
+        # is cheap, and holds the parents and ranges that the compat answers lack.
+        raw = self._request(lambda api: api.networks() if self._libpod is None
+                            else self._libpod_read(api, "/networks/json"))
+        podman_list = self._libpod is not None
         if not isinstance(raw, list):
             raise DockerUnavailable(
-                f"Docker at {self.url} answered the network list with {_brief(raw)}, not a "
-                "list; retrying")
+                f"{self.engine} at {self.url} answered the network list with {_brief(raw)}, "
+                "not a list; retrying")
+        if podman_list:
+            self._records = {entry["id"]: entry for entry in raw
+                             if isinstance(entry, dict) and isinstance(entry.get("id"), str)}
+            raw = [podman.docker_shaped(entry) for entry in raw]
         self._raw = {entry["Name"]: entry for entry in raw
                      if isinstance(entry, dict) and isinstance(entry.get("Name"), str)}
         networks, problems, unreadable = [], [], 0
         for entry in raw:
             if isinstance(entry, dict) and entry.get("ConfigOnly"):
                 continue
-            network, complaints = to_network(entry, self._raw)
+            network, complaints = self._translate(entry)
             problems.extend(complaints)
             if network is None:
                 unreadable += 1
             else:
                 networks.append(network)
+                if podman_list and network.driver == "ipvlan":
+                    problems.append(_unserved(network))
         return Listing(tuple(networks), tuple(problems), unreadable)
 
     def inspect(self, network_id):
@@ -270,13 +333,69 @@ class DockerSource:
         the caller keeps what it knew and retries."""
         try:
             raw = self._call("inspect_network", network_id)
+            if self._libpod:
+                raw = self._podman_shaped(network_id, raw)
         except docker.errors.NotFound:
             return None, ()
-        network, problems = to_network(raw, self._raw)
+        network, problems = self._translate(raw)
         if network is None:
-            raise DockerUnavailable(f"reading network {network_id[:12]} from Docker at "
-                                    f"{self.url}: " + "; ".join(p.message for p in problems))
+            raise DockerUnavailable(f"reading network {network_id[:12]} from {self.engine} "
+                                    f"at {self.url}: " + "; ".join(p.message for p in problems))
+        if self._libpod and podman.several_per_family(network.subnets):
+            network = self._with_secondary_addresses(network, problems)
         return network, tuple(problems)
+
+    def _translate(self, raw):
+        network, problems = to_network(raw, self._raw, self.engine)
+        if network is not None and self._libpod \
+                and podman.default_route_parent(self._records.get(network.id)):
+            network = dataclasses.replace(network, default_route_parent=True)
+        return network, problems
+
+    def _podman_shaped(self, network_id, compat):
+        """The compat inspect's containers on the network's libpod record. The record comes
+        from the last list when it is there: a network's parent and subnets never change."""
+        record = self._records.get(network_id)
+        if record is None:
+            record = self._libpod_get("/networks/{0}/json", network_id)
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                self._records[record["id"]] = record
+        containers = compat.get("Containers") if isinstance(compat, dict) else compat
+        return podman.docker_shaped(record, containers or {})
+
+    def _with_secondary_addresses(self, network, problems):
+        """Podman's `Containers` shows one address per family: on a network with several
+        subnets of a family, the others are read from each running container's record."""
+        extra = []
+        for endpoint in network.endpoints:
+            if endpoint.ipv4 is None and endpoint.ipv6 is None:
+                continue  # not running
+            try:
+                record = self._libpod_get("/containers/{0}/json", endpoint.container_id)
+            except docker.errors.NotFound:
+                continue  # gone since: its own event re-reads the network
+            bad = _Complaints(f"container {endpoint.container_name} ({endpoint.short_id}) on "
+                              f"network {network.name}", network.name, problems, self.engine)
+            for field, text in podman.secondary_addresses(record, network.name):
+                address = _address(text, field, bad)
+                if address is not None:
+                    extra.append(Endpoint(
+                        endpoint.container_id, endpoint.container_name,
+                        **{"ipv4" if address.version == 4 else "ipv6": address}))
+        return dataclasses.replace(network, endpoints=network.endpoints + tuple(extra))
+
+
+def _libpod_prefix(api):
+    """Which engine answers: the libpod path prefix for Podman, None for Docker."""
+    return podman.libpod_prefix(api.version())
+
+
+def _unserved(network):
+    # Not tied to the network (Problem.network): that would protect its subnets as if
+    # its read had failed.
+    return Problem(f"network {network.name} uses the ipvlan driver, which macvlan-router does "
+                   "not serve yet: this host cannot reach its containers (use a macvlan "
+                   "network to have them routed)", kind="warning")
 
 
 class EventWatcher:
@@ -319,13 +438,15 @@ class EventWatcher:
         while not self._stopping.is_set():
             try:
                 api = _client(self.url)
-                stream = api.events(decode=True, filters=EVENT_FILTERS)
+                on_podman = _libpod_prefix(api) is not None
+                stream = api.events(decode=True, filters=PODMAN_EVENT_FILTERS if on_podman
+                                    else EVENT_FILTERS)
                 with self._lock:
                     self._stream = stream
                 self.on_event(REFRESH_ALL)
                 delay = 0.2
                 for event in stream:
-                    scope = classify(event)
+                    scope = classify(event, on_podman)
                     log.debug("Docker event %.200r: refresh %s", event, scope)
                     if scope is not None:
                         self.on_event(scope)
@@ -343,12 +464,19 @@ class EventWatcher:
             delay = min(delay * 2, self.max_backoff)
 
 
-def classify(event):
+def classify(event, on_podman=False):
     """What a reconcile must re-read for this event; None when it changes nothing for us.
 
     The filter lets container create/destroy through too (Docker ANDs filter keys,
     so "create" cannot be limited to networks). An event of an odd shape asks for a
     re-read of everything rather than being trusted or dropped.
+
+    Podman's events differ: a network connect or disconnect names the container as
+    Actor.ID (the network, from Podman 5 on, only by name in an attribute), so every
+    managed network is read again; `podman run` emits no connect at all, and before
+    Podman 5.4 no event announces a new network, so a container starting asks for the
+    network list too; a container's network goes at "died" (the stream says "die") or
+    at its "cleanup".
     """
     if not isinstance(event, dict):
         return REFRESH_ALL
@@ -356,9 +484,12 @@ def classify(event):
     actor = event.get("Actor") if isinstance(event.get("Actor"), dict) else {}
     if kind == "network" and action in ("connect", "disconnect"):
         network_id = actor.get("ID")
-        return network_id if isinstance(network_id, str) and network_id else REFRESH_ENDPOINTS
+        known = isinstance(network_id, str) and network_id and not on_podman
+        return network_id if known else REFRESH_ENDPOINTS
     if kind == "network":
         return REFRESH_ALL
-    if kind == "container" and action in ("start", "die"):
+    if kind == "container" and action == "start":
+        return REFRESH_ALL if on_podman else REFRESH_ENDPOINTS
+    if kind == "container" and action in ("die", "cleanup"):
         return REFRESH_ENDPOINTS
     return None

@@ -44,6 +44,9 @@ class Network:
     # Where Docker allocates from (--ip-range); empty means the whole subnet.
     ip_ranges: Tuple[ipaddress._BaseNetwork, ...] = ()
     labels: Tuple[Tuple[str, str], ...] = ()
+    # No parent given, and the engine puts the containers on the interface of the host's
+    # default route (Podman's netavark does, when a container starts).
+    default_route_parent: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,13 @@ class Host:
 
     def default_gateways(self):
         return frozenset(g for r in self.routes if r.dst.prefixlen == 0 for g in r.gateways)
+
+    def default_route_interface(self):
+        """The interface of the first IPv4 default route that names one (else IPv6), in
+        the kernel's order (lowest metric first): the one netavark picks for a blank
+        macvlan parent. None without such a route (a multipath one names none)."""
+        return next((r.ifname for version in (4, 6) for r in self.routes
+                     if r.dst.prefixlen == 0 and r.dst.version == version and r.ifname), None)
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,7 @@ class Change(NamedTuple):
     table: int = MAIN_TABLE
     proto: int = 0
     host_route: bool = False        # a /32 or /128 destination
+    default_route: bool = False     # a /0 destination
 
     @classmethod
     def of(cls, msg):
@@ -318,7 +319,8 @@ class Change(NamedTuple):
             return cls(kind, table=msg.get_attr("RTA_TABLE") or msg["table"],
                        proto=msg["proto"],
                        host_route=msg["dst_len"] == (32 if msg["family"] == socket.AF_INET
-                                                     else 128))
+                                                     else 128),
+                       default_route=msg["dst_len"] == 0)
         return cls(kind)
 
 
@@ -360,7 +362,10 @@ class ChangeFilter:
                 return False  # the kernel's local and broadcast routes, for one
             ours = change.proto == ROUTE_PROTO
             # Ours deleted: repair. A foreign host route may now block or free one of ours.
-            return (ours and change.kind == RTM_DELROUTE) or (not ours and change.host_route)
+            # A default route moves the host's gateways (which the route-safety policy
+            # keeps off the shims) and the parent of a network that names none.
+            return (ours and change.kind == RTM_DELROUTE) or (
+                not ours and (change.host_route or change.default_route))
         return False
 
 
