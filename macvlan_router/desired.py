@@ -295,7 +295,8 @@ def _checked(address, key, network, problems):
         return None
     pools = [r for r in network.ip_ranges if r.version == address.version] or \
         [s for s in network.subnets if s.version == address.version]
-    if address not in network.aux_addresses and any(address in pool for pool in pools):
+    if not network.dhcp and address not in network.aux_addresses \
+            and any(address in pool for pool in pools):
         problems.append(Problem(
             f"{what} lies where Docker allocates container addresses in network "
             f"{network.name} and is not reserved: a new container may get it. Reserve it "
@@ -333,7 +334,7 @@ def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts, 
         return
     _want_route(RouteSpec(dst=dst, shim=shim, src=source, network=network.name,
                           container_id=endpoint.container_id,
-                          container_name=endpoint.container_name),
+                          container_name=endpoint.container_name, mac=endpoint.mac),
                 facts, routes, problems,
                 lambda reason: f"{who} holds {address}, which is not routed: {reason}")
 

@@ -8,6 +8,7 @@ answers differently.
 import dataclasses
 import ipaddress
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from typing import Tuple
@@ -104,7 +105,7 @@ def to_network(raw, by_name, engine="Docker"):
     parent = options.get("parent")
     if parent is not None and not isinstance(parent, str):
         parent = bad.skip("Options.parent", parent)
-    ipam = _ipam_entries(source, bad)
+    ipam_driver, ipam = _ipam(source, bad)
     return Network(
         id=net_id,
         name=name,
@@ -119,6 +120,8 @@ def to_network(raw, by_name, engine="Docker"):
                                       "IPAM.Config.AuxiliaryAddresses").items()
             for address in _parsed([{key: text}], key, _host, bad)),
         ip_ranges=tuple(_parsed(ipam, "IPRange", _prefix, bad)),
+        # Podman's name; Docker has DHCP only as third-party IPAM plugins.
+        dhcp=ipam_driver == podman.IPAM_DHCP,
         labels=tuple(sorted((str(k), str(v)) for k, v in
                             _mapping(raw.get("Labels"), bad, "Labels").items())),
     ), problems
@@ -155,13 +158,15 @@ def _mapping(value, bad, field):
     return {}
 
 
-def _ipam_entries(source, bad):
-    entries = _mapping(source.get("IPAM"), bad, "IPAM").get("Config") or []
+def _ipam(source, bad):
+    """(the IPAM driver's name, the IPAM.Config entries that are objects)"""
+    ipam = _mapping(source.get("IPAM"), bad, "IPAM")
+    entries = ipam.get("Config") or []
     if not isinstance(entries, list):
         bad.skip("IPAM.Config", entries, "ignored")
-        return []
-    return [entry for entry in entries if isinstance(entry, dict) or bad.skip(
-        "IPAM.Config entry", entry)]
+        return ipam.get("Driver"), []
+    return ipam.get("Driver"), [entry for entry in entries if isinstance(entry, dict)
+                                or bad.skip("IPAM.Config entry", entry)]
 
 
 def _parsed(entries, key, parse, bad):
@@ -212,8 +217,17 @@ def _endpoints(raw, network, problems, engine):
                            problems, engine)
         addresses = {field: _address(info.get(field), field, mine) for field in FAMILY}
         endpoints.append(Endpoint(container_id=cid, container_name=name,
-                                  ipv4=addresses["IPv4Address"], ipv6=addresses["IPv6Address"]))
+                                  ipv4=addresses["IPv4Address"], ipv6=addresses["IPv6Address"],
+                                  mac=_mac(info.get("MacAddress"), mine)))
     return tuple(endpoints)
+
+
+def _mac(text, bad):
+    if not text:
+        return None
+    if isinstance(text, str) and re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", text):
+        return text.lower()
+    return bad.skip("MacAddress", text)
 
 
 FAMILY = {"IPv4Address": 4, "IPv6Address": 6}
@@ -380,7 +394,7 @@ class DockerSource:
                 address = _address(text, field, bad)
                 if address is not None:
                     extra.append(Endpoint(
-                        endpoint.container_id, endpoint.container_name,
+                        endpoint.container_id, endpoint.container_name, mac=endpoint.mac,
                         **{"ipv4" if address.version == 4 else "ipv6": address}))
         return dataclasses.replace(network, endpoints=network.endpoints + tuple(extra))
 

@@ -22,6 +22,7 @@ class Endpoint:
     container_name: str
     ipv4: Optional[ipaddress.IPv4Address] = None
     ipv6: Optional[ipaddress.IPv6Address] = None
+    mac: Optional[str] = None  # lower case; None when the engine does not say
 
     @property
     def short_id(self):
@@ -47,6 +48,8 @@ class Network:
     # No parent given, and the engine puts the containers on the interface of the host's
     # default route (Podman's netavark does, when a container starts).
     default_route_parent: bool = False
+    # The LAN's DHCP server gives the containers their addresses, not the engine.
+    dhcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,13 +97,24 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    """An ARP or NDP cache entry on a macvlan link: the MAC an address was last seen at."""
+
+    ifname: str
+    ip: ipaddress._BaseAddress
+    mac: str  # lower case
+
+
+@dataclass(frozen=True)
 class Host:
-    """What netlink shows of this network namespace: every link, address and main route."""
+    """What netlink shows of this network namespace: every link, address and main route,
+    and the neighbour entries on macvlan links."""
 
     links: Tuple[Link, ...] = ()
     addresses: Tuple[Address, ...] = ()
     routes: Tuple[Route, ...] = ()
     machine_id: str = ""
+    neighbours: Tuple[Neighbour, ...] = ()
 
     def link(self, name):
         return next((link for link in self.links if link.name == name), None)
@@ -110,6 +124,9 @@ class Host:
 
     def addresses_of(self, name):
         return tuple(a for a in self.addresses if a.ifname == name)
+
+    def neighbour(self, ifname, ip):
+        return next((n for n in self.neighbours if n.ifname == ifname and n.ip == ip), None)
 
     def default_gateways(self):
         return frozenset(g for r in self.routes if r.dst.prefixlen == 0 for g in r.gateways)
@@ -139,6 +156,8 @@ class RouteSpec:
     network: str = field(default="", compare=False)
     container_id: str = field(default="", compare=False)
     container_name: str = field(default="", compare=False)
+    # The container's MAC, when the engine says: a neighbour entry at another MAC is stale.
+    mac: Optional[str] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,16 @@ class AddrDel(_OnLink):
     template: ClassVar[str] = "ip address del {self.interface} dev {self.name}"
 
 
+@dataclass(frozen=True)
+class NeighDel(_OnLink):
+    """Forget the MAC a container address was last seen at: the container answers at
+    another one now (restarted or recreated with a new MAC, as Podman does), and the
+    stale entry would cut the host off it for up to a minute."""
+
+    address: ipaddress._BaseAddress
+    template: ClassVar[str] = "ip neigh del {self.address} dev {self.name}"
+
+
 def _route_words(dst, shim, scope, src=None):
     family = "-6 " if dst.version == 6 else ""
     scope_word = " scope link" if scope == SCOPE_LINK else ""
@@ -215,6 +225,9 @@ def compute(desired, host, protection=Protection()):
         if have is None or have.ifname != spec.shim or have.src != spec.src \
                 or spec.shim in drop:
             actions.append(RouteReplace(spec))
+        seen = host.neighbour(spec.shim, dst.network_address)
+        if spec.mac and seen is not None and seen.mac != spec.mac and spec.shim not in drop:
+            actions.append(NeighDel(spec.shim, dst.network_address))
     if kept:
         problems.append(Problem(
             f"keeping {len(kept)} route(s), shim(s) or address(es) that Docker's networks no "

@@ -26,7 +26,7 @@ ENGINE = "Podman Engine"
 # The oldest libpod API that Podman 4 and 5 both serve; libpod paths need a libpod version
 # (/v1.41/libpod/... is refused), and docker-py builds only Docker-versioned URLs.
 OLDEST_LIBPOD_API = "4.0.0"
-IPAM_DHCP = "dhcp"
+IPAM_DHCP = "dhcp"  # the IPAM driver of a network whose addresses the LAN's DHCP gives
 SECONDARY = (("IPv4Address", "SecondaryIPAddresses"), ("IPv6Address", "SecondaryIPv6Addresses"))
 
 
@@ -57,7 +57,9 @@ def docker_shaped(record, containers=None):
     if isinstance(ipam, dict) and ipam.get("driver") == IPAM_DHCP and isinstance(config, list):
         config.extend({"Subnet": prefix} for prefix in _lease_subnets(containers))
     shaped = {"Id": record.get("id"), "Name": record.get("name"), "Driver": record.get("driver"),
-              "Options": {"parent": parent} if parent else {}, "IPAM": {"Config": config},
+              "Options": {"parent": parent} if parent else {},
+              "IPAM": {"Driver": ipam.get("driver") if isinstance(ipam, dict) else None,
+                       "Config": config},
               "Labels": record.get("labels")}
     if containers is not None:
         shaped["Containers"] = containers

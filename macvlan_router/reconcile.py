@@ -4,6 +4,7 @@ Shared by the daemon and by the check/status commands, so they all see the
 host the same way.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -110,8 +111,14 @@ class Reconciler:
         return Outcome(desired=want, plan=plan, host=host, problems=problems)
 
     def assess(self):
-        """What a reconcile would do now, without doing it."""
-        return self.compute(self._host or self.netlink.read())
+        """What a reconcile would do now, without doing it. Neighbour entries are read
+        afresh: they change without a netlink event the monitor follows."""
+        host = self._host
+        if host is None:
+            host = self.netlink.read()
+        else:
+            host = dataclasses.replace(host, neighbours=self.netlink.neighbours(host.links))
+        return self.compute(host)
 
     def apply(self, outcome):
         """Carry out the outcome's plan; sets outcome.failed to the number of failed changes."""
@@ -145,4 +152,7 @@ def explain(action):
         return fields(shim=route.ifname, address=route.dst.network_address), "  # no longer wanted"
     if isinstance(action, (plan_mod.AddrAdd, plan_mod.AddrDel)):
         return fields(shim=action.name, address=action.interface.ip), ""
+    if isinstance(action, plan_mod.NeighDel):
+        return (fields(shim=action.name, address=action.address),
+                "  # the container answers at another MAC now")
     return fields(shim=action.name), ""

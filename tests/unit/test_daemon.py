@@ -75,6 +75,9 @@ class FakeNetlink:
     def read(self):
         return self.host
 
+    def neighbours(self, _links):
+        return self.host.neighbours
+
     def apply(self, actions, _host, _why):
         self.host = apply_model(self.host, actions)
         self.applied.extend(actions)

@@ -114,3 +114,12 @@ def test_classify(event, scope):
                                                                 "Action": "connect"}])
 def test_classify_survives_odd_events(event):
     classify(event)
+
+
+def test_the_mac_is_read_and_a_bad_one_left_out():
+    raw = record()
+    raw["Containers"][GOOD_CID]["MacAddress"] = "02:42:C6:33:64:82"
+    raw["Containers"][BAD_CID]["MacAddress"] = "not-a-mac"
+    network, problems = to_network(raw, {})
+    assert [e.mac for e in network.endpoints] == ["02:42:c6:33:64:82", None]
+    assert len(problems) == 1 and "MacAddress" in problems[0].message

@@ -111,6 +111,7 @@ def test_a_dhcp_network_takes_its_subnets_from_its_containers_addresses():
         "d" * 64: {"Name": "odd", "IPv4Address": "garbage"},
     }
     network, problems = translated(record, containers)
+    assert network.dhcp and not translated()[0].dhcp
     assert [str(s) for s in network.subnets] == ["198.51.100.0/24", "2001:db8:1::/64"]
     assert sorted(str(e.ipv4) for e in network.endpoints if e.ipv4) == [
         "198.51.100.77", "198.51.100.78"]
@@ -198,6 +199,18 @@ def test_without_a_default_route_such_a_network_is_skipped_with_a_warning():
     assert not result.shims and not result.routes
     (problem,) = result.problems
     assert problem.kind == "warning" and "default route" in problem.message
+
+
+def test_the_host_address_in_a_dhcp_network_is_not_an_allocation_risk():
+    """The LAN's DHCP server, not the engine, hands out the addresses there: the host's
+    own address reused by the shim is no more at risk than on the LAN itself."""
+    allocated = network(ip_ranges=(), endpoints=[endpoint("web", "198.51.100.130")])
+    warned = desired.compute(Config(), [allocated], host())
+    assert any("allocates" in p.message for p in warned.problems)
+    leased = desired.compute(Config(), [network(ip_ranges=(), dhcp=True,
+                                                endpoints=[endpoint("web", "198.51.100.130")])],
+                             host())
+    assert not leased.problems and net("198.51.100.130/32") in leased.routes
 
 
 def test_a_docker_network_without_parent_stays_unserved():
