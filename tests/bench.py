@@ -2,13 +2,21 @@
 """Benchmark macvlan-router against a real Docker engine in the test lab (not a test).
 
 Run as root:  python3 tests/bench.py [--containers 50] [--burst 100] [--churn 1000] [--idle 60]
+              python3 tests/bench.py --engine podman|docker --latency-only [--containers 50]
 
 Prints, per figure, what issue 2 asks for:
   connect event -> route present, disconnect event -> route gone (p50, p99, max),
   from the events' own timeNano to the route's netlink event, seen by a monitor in T;
+  how long the engine took to deliver those events to a subscriber (a part of the above);
   100 containers started at once: last connect event -> all routes present;
   CPU over an idle minute with containers running; RSS at start and after churn;
   start -> READY=1 with 100 containers present.
+
+With --latency-only, and always with --engine podman (tests/podman_lab.py), only the
+first figures, one container at a time. Podman's containers are started with `podman run`
+and removed with `podman rm -f`, as a user does; it emits no network connect for
+`podman run`, so its container start and died events stand for connect and disconnect
+(Docker's network connect comes as the container starts, too).
 """
 
 import argparse
@@ -22,9 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests import lab as labmod  # noqa: E402
+import lab as labmod  # noqa: E402
+import podman_lab  # noqa: E402
 
 MONITOR = r"""
 import sys, time
@@ -85,18 +94,32 @@ class RouteWatch(Stamps):
 
 
 class EventWatch(Stamps):
-    """Docker's network connect/disconnect events with their timeNano, by container id."""
+    """Connect and disconnect events with their timeNano, by container id: Docker's network
+    connect/disconnect, Podman's container start/died (it emits no connect for podman
+    run). Also how long after its timeNano each event reached this subscriber."""
 
-    def __init__(self, client):
+    FILTERS = {"docker": {"type": ["network"]},
+               "podman": {"type": ["container"], "event": ["start", "died"]}}
+    MEANING = {"connect": "connect", "disconnect": "disconnect",
+               "start": "connect", "die": "disconnect"}
+
+    def __init__(self, client, engine):
         super().__init__()
-        self.stream = client.api.events(decode=True, filters={"type": ["network"]})
+        self.podman = engine == "podman"
+        self.delivery = []  # ms
+        self.stream = client.api.events(decode=True, filters=self.FILTERS[engine])
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         try:
             for event in self.stream:
-                container = event.get("Actor", {}).get("Attributes", {}).get("container")
-                self.record((event.get("Action"), container), event["timeNano"])
+                self.delivery.append((time.time_ns() - event["timeNano"]) / 1e6)
+                actor = event.get("Actor", {})
+                container = actor.get("ID") if self.podman \
+                    else actor.get("Attributes", {}).get("container")
+                action = self.MEANING.get(event.get("Action"))
+                if action:
+                    self.record((action, container), event["timeNano"])
         except Exception:  # noqa: BLE001 - closed at the end
             pass
 
@@ -137,18 +160,46 @@ def run_container(client, network, name):
                                  network=network, labels={labmod.LABEL: "1"})
 
 
-def sequential(lab, client, network, routes, events, count):
+class DockerRun:
+    """Containers through docker-py, as the Docker figures have always been taken."""
+
+    def __init__(self, lab):
+        self.client = lab.engine.client
+
+    def run(self, network, name):
+        return run_container(self.client, network, name).id
+
+    def remove(self, cid):
+        self.client.api.remove_container(cid, force=True)
+
+
+class PodmanRun:
+    """Containers through the podman CLI, as a user starts them."""
+
+    def __init__(self, lab):
+        self.engine = lab.engine
+
+    def run(self, network, name):
+        return self.engine.cli("run", "-d", "--name", name, "--network", network,
+                               labmod.IMAGE, *podman_lab.COMMAND).stdout.strip()
+
+    def remove(self, cid):
+        self.engine.cli("rm", "-f", "-t", "0", cid)
+
+
+def sequential(lab, client, network, routes, events, count, starter):
     connect, disconnect = [], []
     for i in range(count):
-        container = run_container(client, network, f"seq{i}")
-        ip = container_ip(client, container.id, network)
+        cid = starter.run(network, f"seq{i}")
+        ip = container_ip(client, cid, network)
         added = routes.wait(("add", ip))
-        connect.append((added - events.wait(("connect", container.id))) / 1e6)
-        container.remove(force=True)
+        connect.append((added - events.wait(("connect", cid))) / 1e6)
+        starter.remove(cid)
         gone = routes.wait(("del", ip))
-        disconnect.append((gone - events.wait(("disconnect", container.id))) / 1e6)
+        disconnect.append((gone - events.wait(("disconnect", cid))) / 1e6)
     show(f"connect event -> route present ({count} containers, one at a time)", connect)
     show(f"disconnect event -> route gone ({count} containers, one at a time)", disconnect)
+    show("  of which the engine's delivery of the event to a subscriber", events.delivery)
 
 
 def burst(lab, client, network, routes, events, count):
@@ -176,24 +227,33 @@ def churn(client, network, count):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("docker", "podman"), default="docker")
     parser.add_argument("--containers", type=int, default=50)
     parser.add_argument("--burst", type=int, default=100)
     parser.add_argument("--churn", type=int, default=1000)
     parser.add_argument("--idle", type=float, default=60)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="stop after the one-at-a-time figures (always so for podman)")
     args = parser.parse_args()
-    problem = labmod.prereq_problem()
+    podman = args.engine == "podman"
+    problem = (podman_lab if podman else labmod).prereq_problem()
     if problem:
         sys.exit(f"cannot run the benchmark: {problem}")
-    lab = labmod.make_lab()
+    lab = (podman_lab if podman else labmod).make_lab()
     try:
         client = lab.engine.client
         network = lab.engine.network("bench", parent="lan0")
         daemon = lab.daemon(config={})
         pid = daemon.proc.pid
-        print(f"daemon pid {pid}, python {sys.version.split()[0]}, "
+        print(f"{args.engine}: daemon pid {pid}, python {sys.version.split()[0]}, "
               f"RSS at start {rss_kib(pid) / 1024:.1f} MiB", flush=True)
-        routes, events = RouteWatch(lab), EventWatch(client)
-        sequential(lab, client, network, routes, events, args.containers)
+        routes, events = RouteWatch(lab), EventWatch(client, args.engine)
+        sequential(lab, client, network, routes, events, args.containers,
+                   (PodmanRun if podman else DockerRun)(lab))
+        if podman or args.latency_only:
+            routes.close()
+            events.close()
+            return
         created = burst(lab, client, network, routes, events, args.burst)
 
         running = created[:50]
