@@ -300,12 +300,14 @@ REMOVAL = re.compile(r"^ip .*\bdel\b", re.M)
 
 
 def assert_nothing_dropped(b, watch, routes_before, what):
-    """No ping lost, nothing of ours deleted even for a moment, the same routes after."""
+    """No ping lost, nothing of ours deleted even for a moment, every route still there
+    (an IPv6 route whose source was still in duplicate address detection may join)."""
     say(f"{what}: {watch.replied} pings answered, {len(watch.lost)} lost")
     assert watch.lost == [], \
         f"{what}: {len(watch.lost)} pings lost (sequence numbers {watch.lost[:20]}...)"
     assert not watch.deleted(SHIM), f"{what} deleted:\n" + "\n".join(watch.deleted(SHIM))
-    assert owned_routes(b) == routes_before
+    missing = set(routes_before) - set(owned_routes(b))
+    assert not missing, f"{what}: routes gone: {sorted(missing)}"
 
 
 def test_install_with_apt_starts_the_service(box):
