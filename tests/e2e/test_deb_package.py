@@ -11,7 +11,6 @@ The tests run in file order and share one box (module fixtures): each later test
 from the state the one before it leaves, and says so.
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -24,12 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_host as e2e  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="package e2e tests need root (apt, network namespaces, dockerd)"),
-    pytest.mark.skipif(not Path("/etc/debian_version").exists(),
-                       reason="package e2e tests need a Debian machine"),
-]
+pytestmark = e2e.marks("package e2e tests")
 
 UNIT = "macvlan-router"
 SHIM = "mvr-lan0"
