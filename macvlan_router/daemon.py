@@ -4,8 +4,9 @@ Threads (Docker events, netlink monitor) and signal handlers only put a trigger 
 queue; all the work happens here, in the main thread.
 
 The state is small and explicit:
-- `phase`: STARTING until Docker's view is complete once (then the configuration is
-  judged, and nothing on the host is changed before that), SERVING after;
+- `phase`: STARTING until every read of Docker answered once (then the configuration
+  is judged, if every record could be read; nothing on the host changes before that),
+  SERVING after;
 - `stream`: the Docker event stream's state, from the watcher;
 - `owed`: what must still be read from Docker (network ids, REFRESH_*);
 - the Reconciler's `view`, replaced only piece by piece by reads that answered;
@@ -195,12 +196,18 @@ class Daemon:
         """Plan and apply when something changed; returns an exit status or None."""
         view = self.reconciler.view
         if self.phase is STARTING:
-            if not view.complete:
+            if not view.answered:
                 self._tell_systemd()
                 return None
             outcome = self.reconciler.assess()
-            if outcome.errors:
+            if outcome.errors and view.complete:
                 return self._refuse_to_start(outcome)
+            if not view.complete:
+                # A record Docker keeps sending garbled could be any network: serve the
+                # rest (deleting nothing, see View.protection), but judge nothing on it.
+                log.warning("Docker's network list has %d record(s) that cannot be read; "
+                            "serving the rest, removing nothing, and not judging the "
+                            "configuration until they can be read", view.listing.unreadable)
             self.phase = SERVING
         elif not changed:
             return None

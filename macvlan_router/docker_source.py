@@ -93,8 +93,10 @@ def to_network(raw, by_name, engine="Docker"):
     net_id, name = raw.get("Id"), raw.get("Name")
     for field, value in (("Id", net_id), ("Name", name)):
         if not isinstance(value, str) or not value:
-            return None, [_odd(f"a network record without a usable {field} "
-                               f"({_brief(raw)}); it is skipped", engine)]
+            known = ", ".join(f"{key} {_brief(other, 20)}" for key, other in
+                              (("Name", name), ("Id", net_id)) if key != field)
+            return None, [_odd(f"a network record without a usable {field} ({known}); it "
+                               "is skipped", engine)]
     problems = []
     bad = _Complaints(f"network {name}", name, problems, engine)
     source = raw

@@ -37,10 +37,14 @@ class View:
         return self.listing is not None
 
     @property
+    def answered(self):
+        """Every read answered: the list, and an inspect of each managed network."""
+        return self.listed and all(r.inspected and not r.stale for r in self.records.values())
+
+    @property
     def complete(self):
-        """Every network listed and read, nothing stale: enough to judge the configuration."""
-        return (self.listed and not self.listing.unreadable
-                and all(r.inspected and not r.stale for r in self.records.values()))
+        """Answered, and every record readable: enough to judge the configuration."""
+        return self.answered and not self.listing.unreadable
 
     def after_list(self, listing, selectors):
         """The view after a list call that answered: managed networks re-selected; the ones

@@ -519,6 +519,7 @@ class Engine:
         self.log = self.dir / "dockerd.log"
         self.proc = None
         self._client = None
+        self.extra_args = []     # more dockerd options (e.g. --live-restore), from next start
         lab.engine = self
 
     def argv(self):
@@ -526,7 +527,7 @@ class Engine:
                 "--data-root", str(self.dir / "root"), "--exec-root", str(self.dir / "exec"),
                 "-H", self.host, "--pidfile", str(self.pidfile),
                 "--bridge=none", "--iptables=false", "--ip6tables=false",
-                "--userland-proxy=false", "--log-level=warn"]
+                "--userland-proxy=false", "--log-level=warn", *self.extra_args]
 
     def start(self, timeout=60):
         if self.running():
@@ -572,6 +573,32 @@ class Engine:
                     os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         self.proc = None
+
+    def crash(self, timeout=10):
+        """SIGKILL dockerd, as a crash or the OOM killer would; containers keep running.
+
+        Its containerd dies with it (dockerd starts it with PDEATHSIG=SIGKILL). Where
+        nothing reaps orphans (a sandbox whose PID 1 does not), containerd stays a zombie
+        and its pid file makes the next dockerd wait for that zombie's socket until it
+        gives up: the pid file goes once its process is dead or a zombie."""
+        pidfile = self.dir / "exec" / "containerd" / "containerd.pid"
+        try:
+            containerd = int(pidfile.read_text().strip())
+        except (OSError, ValueError):
+            containerd = None
+        self.stop(sig=signal.SIGKILL, timeout=timeout)
+        if containerd is None:
+            return
+
+        def gone():
+            try:
+                stat = Path(f"/proc/{containerd}/stat").read_text()
+            except OSError:
+                return True
+            return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+        wait_until(gone, timeout=timeout, desc=f"containerd ({containerd}) to die with dockerd")
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
 
     def log_tail(self, n=30):
         try:
@@ -666,10 +693,12 @@ class Engine:
         self.cli(*args)
         return name
 
-    def container(self, name, network, ip=None, ip6=None, cap_add=(), cmd=None, start=True):
+    def container(self, name, network, ip=None, ip6=None, cap_add=(), cmd=None, start=True,
+                  extra=()):
         """A bb:latest container on network with the given address(es); returns its name.
 
-        Its command exits on SIGTERM at once, so `docker stop` is fast."""
+        Its command exits on SIGTERM at once, so `docker stop` is fast. extra: more
+        `docker create` options (e.g. --restart always)."""
         self.ensure_image()
         args = ["create", "--name", name, "--label", f"{LABEL}=1", "--network", network]
         if ip:
@@ -678,7 +707,8 @@ class Engine:
             args += ["--ip6", ip6]
         for cap in cap_add:
             args += ["--cap-add", cap]
-        args += [IMAGE] + list(cmd or ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"])
+        args += list(extra) + [IMAGE]
+        args += list(cmd or ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"])
         self.cli(*args)
         if start:
             self.cli("start", name)
@@ -762,6 +792,11 @@ class NotifyListener:
         with self._lock:
             return [m for _, m in self.messages]
 
+    def timed(self):
+        """[(monotonic time of arrival, line), ...]"""
+        with self._lock:
+            return list(self.messages)
+
     def values(self, key):
         return [m.split("=", 1)[1] for m in self.lines() if m.startswith(key + "=")]
 
@@ -789,6 +824,8 @@ class Daemon:
         self.proc = None
         self.notify = None
         self._notified = []
+        self._timed = []
+        self.started_at = None      # monotonic time of the start() call
         self.returncode = None
 
     def argv(self):
@@ -797,6 +834,7 @@ class Daemon:
 
     def start(self, wait_ready=True, timeout=30):
         self.notify = NotifyListener(self.lab.path(self.name + ".notify"))
+        self.started_at = time.monotonic()
         env = self.lab.daemon_env(self.docker_host, self.env_extra)
         env["NOTIFY_SOCKET"] = self.notify.path
         with open(self.stderr_path, "wb") as err, open(self.stdout_path, "wb") as out:
@@ -845,6 +883,11 @@ class Daemon:
         """Every notification line received so far (also after the daemon stopped)."""
         return self.notify.lines() if self.notify is not None else list(self._notified)
 
+    def notify_times(self, line):
+        """Monotonic arrival times of every notification equal to line (e.g. WATCHDOG=1)."""
+        timed = self.notify.timed() if self.notify is not None else self._timed
+        return [t for t, m in timed if m == line]
+
     def count(self, line):
         return self.notified().count(line)
 
@@ -891,6 +934,7 @@ class Daemon:
         if self.notify is not None:
             time.sleep(0.1)  # let the reader drain what the daemon sent last
             self._notified = self.notify.lines()
+            self._timed = self.notify.timed()
             self.notify.close()
             self.notify = None
         if self in self.lab.daemons:
@@ -940,3 +984,132 @@ def shim_addr(lab, shim, family):
                 return a
         return None
     return wait_until(usable, timeout=15, desc=f"a usable IPv{family} address on {shim}")
+
+
+class RouteWatcher:
+    """`ip monitor link route` in namespace T, in the background: records, with the time it
+    saw them, every deletion of one of our routes (protocol 210, main table), every deletion
+    of a link and every link going from up to down. A shim that goes down or away takes its
+    IPv4 routes with it without a word from the kernel, so "no owned route lost" needs all.
+
+    `blind` is set when the monitor itself missed messages (its socket overflowed).
+    """
+
+    MARKER = "198.18.255.254"   # an unreachable route in table 251 proves we are listening
+    ROUTE = re.compile(r"^Deleted (?:\d+ )?(\S+) (.*)$")
+    LINK = re.compile(r"^(Deleted )?\d+: ([^:@\s]+)[^:]*: <([^>]*)>")
+
+    def __init__(self, lab):
+        self.lab = lab
+        self.events = []        # (monotonic time, kind, name or dst, line)
+        self.blind = False
+        self._lock = threading.Lock()
+        self._marker_seen = threading.Event()
+        self._up = {}           # link name -> up when last seen (a new link starts down)
+        self.proc = None
+        self._threads = []
+
+    def start(self, timeout=10):
+        self._up = {link["ifname"]: "UP" in link.get("flags", []) for link in self.lab.links()}
+        # -N: numbers (proto 210, whatever rt_protos says); a big buffer, to keep up.
+        self.proc = subprocess.Popen(
+            ["ip", "-N", "-o", "-rc", str(4 << 20), "-n", self.lab.T, "monitor", "link", "route"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, bufsize=1)
+        self._threads = [threading.Thread(target=self._read, daemon=True),
+                         threading.Thread(target=self._read_errors, daemon=True)]
+        for thread in self._threads:
+            thread.start()
+        marker = ["route", "add", "unreachable", f"{self.MARKER}/32", "table", "251"]
+        try:
+            for _ in range(int(timeout / 0.2) + 1):
+                self.lab.ipc(*marker, check=False)
+                if self._marker_seen.wait(0.2):
+                    return self
+                self.lab.ipc("route", "del", f"{self.MARKER}/32", "table", "251", check=False)
+            raise LabError(f"ip monitor in {self.lab.T} did not start within {timeout}s")
+        finally:
+            self.lab.ipc("route", "del", f"{self.MARKER}/32", "table", "251", check=False)
+
+    def _read(self):
+        for line in self.proc.stdout:
+            now = time.monotonic()
+            if self.MARKER in line:
+                self._marker_seen.set()
+                continue
+            event = self._parse(line.strip())
+            if event:
+                with self._lock:
+                    self.events.append((now, *event, line.strip()))
+
+    def _read_errors(self):
+        for line in self.proc.stderr:
+            if "No buffer space" in line or "receive error" in line:
+                self.blind = True
+
+    def _parse(self, line):
+        m = self.LINK.match(line)
+        if m:
+            name, up = m.group(2), "UP" in m.group(3).split(",")
+            was_up = self._up.pop(name, False)
+            if m.group(1):
+                return "link-deleted", name
+            self._up[name] = up
+            return ("link-down", name) if was_up and not up else None
+        m = self.ROUTE.match(line)
+        if m and " proto 210" in f" {m.group(2)}" and " table " not in f" {m.group(2)}":
+            return "route-deleted", norm_dst(m.group(1) if "/" in m.group(1)
+                                             else host_prefix(m.group(1)))
+        return None
+
+    def lost(self, dsts=(), links=()):
+        """Deletions of the given owned routes (addresses or prefixes) and deletions or
+        downs of the given links seen so far: [(time, kind, what, line), ...]."""
+        want = {norm_dst(d if "/" in str(d) else host_prefix(d)) for d in dsts}
+        with self._lock:
+            return [e for e in self.events
+                    if (e[1] == "route-deleted" and e[2] in want)
+                    or (e[1] != "route-deleted" and e[2] in set(links))]
+
+    def route_deletions(self):
+        with self._lock:
+            return [e for e in self.events if e[1] == "route-deleted"]
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        for thread in self._threads:
+            thread.join(timeout=2)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def netlink_sockets(pid):
+    """The netlink sockets process pid holds, from /proc/PID/net/netlink (the sockets of its
+    namespace) matched to its file descriptors: [{'groups': int, 'rmem': int, 'drops': int,
+    'inode': int}, ...]. 'drops' counts messages lost to a full receive buffer."""
+    inodes = set()
+    fd_dir = Path(f"/proc/{pid}/fd")
+    for fd in fd_dir.iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(int(target[8:-1]))
+    lines = Path(f"/proc/{pid}/net/netlink").read_text().splitlines()
+    header = lines[0].split()
+    out = []
+    for line in lines[1:]:
+        row = dict(zip(header, line.split()))
+        if int(row["Inode"]) in inodes:
+            out.append({"groups": int(row["Groups"], 16), "rmem": int(row["Rmem"]),
+                        "drops": int(row["Drops"]), "inode": int(row["Inode"])})
+    return out

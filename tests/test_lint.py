@@ -18,7 +18,8 @@ def _linter():
         return [sys.executable, "-m", "flake8"]
     ruff = shutil.which("ruff", path=os.path.dirname(sys.executable))
     if ruff:
-        return [ruff, "check", "--line-length", "100", "--no-cache"]
+        # The rules flake8 applies, named: ruff's defaults change between releases.
+        return [ruff, "check", "--line-length", "100", "--no-cache", "--select", "E4,E7,E9,F,W"]
     return None
 
 

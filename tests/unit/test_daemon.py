@@ -166,7 +166,8 @@ def test_start_over_leftovers_with_a_failing_read_changes_nothing():
     assert d.phase is daemon_mod.SERVING
 
 
-def test_a_failed_refresh_is_retried_without_any_other_event():
+def connect_while_the_read_fails():
+    """A daemon serving `web`; then `new` connects and the next read of its network fails."""
     docker = FakeDocker(lan(("web", C1)))
     d, netlink, clock = make(docker)
     connected(d)
@@ -175,6 +176,11 @@ def test_a_failed_refresh_is_retried_without_any_other_event():
     docker.networks[net_id] = lan(("web", C1), ("new", C2))
     docker.failing[net_id] = 1
     d.triggers.put((daemon_mod.DOCKER, net_id))
+    return d, netlink, clock
+
+
+def test_a_failed_refresh_is_retried_without_any_other_event():
+    d, netlink, clock = connect_while_the_read_fails()
     start = clock.now
     d.step()
     assert f"{C2}/32" not in owned(netlink)
@@ -184,14 +190,7 @@ def test_a_failed_refresh_is_retried_without_any_other_event():
 
 
 def test_a_host_repair_does_not_cancel_the_docker_retry():
-    docker = FakeDocker(lan(("web", C1)))
-    d, netlink, clock = make(docker)
-    connected(d)
-    d.step()
-    net_id = next(iter(docker.networks))
-    docker.networks[net_id] = lan(("web", C1), ("new", C2))
-    docker.failing[net_id] = 1
-    d.triggers.put((daemon_mod.DOCKER, net_id))
+    d, netlink, _ = connect_while_the_read_fails()
     d.step()
     d.triggers.put((daemon_mod.HOST, None))
     d.step()
@@ -276,3 +275,22 @@ def test_stop_ends_the_loop():
     d.step()
     d.triggers.put((daemon_mod.STOP, None))
     assert d.step() == EX_OK
+
+
+def test_an_unreadable_list_record_does_not_block_the_start():
+    """Docker keeps sending a record without a Name: serve the rest, delete nothing, and
+    do not judge the configuration (the record could be the network it names)."""
+    docker = FakeDocker(lan(("web", C1)))
+    listing = docker.list_networks
+    docker.list_networks = lambda: Listing(listing().networks, (), 1)
+    d, netlink, _ = make(docker, leftovers_plus(f"{C2}/32"),
+                         Config(networks=(Selector("lan"), Selector("gone"))))
+    connected(d)
+    assert d.step() is None
+    assert owned(netlink) == {f"{C1}/32", f"{C2}/32"}, "added what it knows, deleted nothing"
+    assert d.notifier.sent[0][0] == "READY"
+
+
+def leftovers_plus(dst):
+    h = leftovers()
+    return dataclasses.replace(h, routes=h.routes + (route(dst, "mvr-eth0", "198.51.100.2"),))
