@@ -134,7 +134,8 @@ def compute(config, networks, host, memo=None):
     problems = []
     shims, routes, taken, managed = {}, {}, set(), []
     host_ips = _host_ips(host)
-    networks = [_servable(network, problems) for network in networks]
+    networks = [_servable(_with_parent(network, host, problems), problems)
+                for network in networks]
     # Our shims' addresses are not in host_ips: they are derived from the desired state,
     # and _route_endpoint refuses a shim's own address by itself.
     facts = safety.HostFacts(
@@ -179,7 +180,8 @@ def compute(config, networks, host, memo=None):
                     continue
                 sources[subnet] = source
                 shim_addresses.add(ipaddress.ip_interface(f"{source}/{source.max_prefixlen}"))
-            inputs = (network.name, tuple(sources.items()), name, host_ips, facts)
+            # The parent too: a network that names none follows the default route.
+            inputs = (network.name, parent, tuple(sources.items()), name, host_ips, facts)
             entry = _network_routes(network, inputs, memo.networks.get(network.id))
             fresh[network.id] = entry
             _merge(entry, routes, taken, problems)
@@ -232,6 +234,22 @@ def _servable(network, problems):
         return network
     return dataclasses.replace(network, subnets=tuple(
         s for s in network.subnets if s not in wide))
+
+
+def _with_parent(network, host, problems):
+    """The network with the interface of the host's default route as its parent, when it
+    names none and its containers take that one (Podman's blank parent)."""
+    if network.parent or not network.default_route_parent:
+        return network
+    parent = host.default_route_interface()
+    if parent is None:
+        problems.append(Problem(
+            f"network {network.name} names no parent interface, so its containers use the "
+            "interface of the host's default route, and this host has no default route; "
+            "add one, or recreate the network with -o parent=<interface>", network.name,
+            kind="warning"))
+        return network
+    return dataclasses.replace(network, parent=parent)
 
 
 def _host_ips(host):
@@ -331,7 +349,8 @@ def _checked(address, key, network, problems):
         return None
     pools = [r for r in network.ip_ranges if r.version == address.version] or \
         [s for s in network.subnets if s.version == address.version]
-    if address not in network.aux_addresses and any(address in pool for pool in pools):
+    if not network.dhcp and address not in network.aux_addresses \
+            and any(address in pool for pool in pools):
         problems.append(Problem(
             f"{what} lies where Docker allocates container addresses in network "
             f"{network.name} and is not reserved: a new container may get it. Reserve it "
@@ -348,7 +367,7 @@ def _network_routes(network, inputs, previous):
         known = previous.steps
     else:
         known = {}
-    _, sources, shim, host_ips, facts = inputs
+    _, _, sources, shim, host_ips, facts = inputs
     sources = dict(sources)
     steps = {}
     for position, endpoint in enumerate(network.endpoints):
@@ -425,7 +444,7 @@ def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts):
             network.name, kind="warning")
     spec = RouteSpec(dst=ipaddress.ip_network(address), shim=shim, src=source,
                      network=network.name, container_id=endpoint.container_id,
-                     container_name=endpoint.container_name)
+                     container_name=endpoint.container_name, mac=endpoint.mac)
     return _want_route(spec, facts, lambda reason: (
         f"{who} holds {address}, which is not routed: {reason}")) or (spec, who)
 

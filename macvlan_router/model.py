@@ -26,6 +26,7 @@ class Endpoint:
     container_name: str
     ipv4: Optional[ipaddress.IPv4Address] = None
     ipv6: Optional[ipaddress.IPv6Address] = None
+    mac: Optional[str] = None  # lower case; None when the engine does not say
 
     @property
     def short_id(self):
@@ -48,6 +49,11 @@ class Network:
     # Where Docker allocates from (--ip-range); empty means the whole subnet.
     ip_ranges: Tuple[ipaddress._BaseNetwork, ...] = ()
     labels: Tuple[Tuple[str, str], ...] = ()
+    # No parent given, and the engine puts the containers on the interface of the host's
+    # default route (Podman's netavark does, when a container starts).
+    default_route_parent: bool = False
+    # The LAN's DHCP server gives the containers their addresses, not the engine.
+    dhcp: bool = False
 
 
 @dataclass(frozen=True)
@@ -95,13 +101,24 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Neighbour:
+    """An ARP or NDP cache entry on a macvlan link: the MAC an address was last seen at."""
+
+    ifname: str
+    ip: ipaddress._BaseAddress
+    mac: str  # lower case
+
+
+@dataclass(frozen=True)
 class Host:
-    """What netlink shows of this network namespace: every link, address and main route."""
+    """What netlink shows of this network namespace: every link, address and main route,
+    and the neighbour entries on macvlan links."""
 
     links: Tuple[Link, ...] = ()
     addresses: Tuple[Address, ...] = ()
     routes: Tuple[Route, ...] = ()
     machine_id: str = ""
+    neighbours: Tuple[Neighbour, ...] = ()
 
     def link(self, name):
         return next((link for link in self.links if link.name == name), None)
@@ -112,8 +129,23 @@ class Host:
     def addresses_of(self, name):
         return tuple(a for a in self.addresses if a.ifname == name)
 
+    def neighbour(self, ifname, ip):
+        return self._neighbour_index.get((ifname, ip))
+
+    @functools.cached_property
+    def _neighbour_index(self):
+        # A full plan looks up every route's destination: once per snapshot, not a scan each.
+        return {(n.ifname, n.ip): n for n in self.neighbours}
+
     def default_gateways(self):
         return self.route_index.default_gateways
+
+    def default_route_interface(self):
+        """The interface of the first IPv4 default route that names one (else IPv6), in
+        the kernel's order (lowest metric first): the one netavark picks for a blank
+        macvlan parent. None without such a route (a multipath one names none)."""
+        return next((r.ifname for version in (4, 6) for r in self.routes
+                     if r.dst.prefixlen == 0 and r.dst.version == version and r.ifname), None)
 
     @functools.cached_property
     def route_index(self):
@@ -138,6 +170,13 @@ class Host:
         if not any(r.dst in index.shared for r in removed):
             # Set where cached_property keeps it; otherwise built from `routes` on use.
             host.__dict__["route_index"] = index.without(removed).adding(new)
+        return host
+
+    def with_neighbours(self, neighbours):
+        """This host with other neighbour entries; the route index is kept, not rebuilt."""
+        host = dataclasses.replace(self, neighbours=tuple(neighbours))
+        if "route_index" in self.__dict__:
+            host.__dict__["route_index"] = self.__dict__["route_index"]
         return host
 
     def with_notified_routes(self, changes):
@@ -211,6 +250,8 @@ class RouteSpec:
     network: str = field(default="", compare=False)
     container_id: str = field(default="", compare=False)
     container_name: str = field(default="", compare=False)
+    # The container's MAC, when the engine says: a neighbour entry at another MAC is stale.
+    mac: Optional[str] = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

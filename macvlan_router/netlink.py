@@ -18,7 +18,7 @@ from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_N
 
 from . import plan as actions
 from .errors import PermissionDenied
-from .model import LINK_ALIAS, MAIN_TABLE, ROUTE_PROTO, Address, Host, Link, Route
+from .model import LINK_ALIAS, MAIN_TABLE, ROUTE_PROTO, Address, Host, Link, Neighbour, Route
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ ALREADY_DONE = {
     actions.AddrAdd: (errno.EEXIST,),
     actions.AddrDel: (errno.EADDRNOTAVAIL,),
     actions.RouteDel: (errno.ESRCH,),
+    actions.NeighDel: (errno.ENOENT,),
 }
 
 
@@ -157,7 +158,18 @@ class Netlink:
                 if route is not None:
                     routes.append(route)
         return Host(links=links, addresses=tuple(addresses), routes=tuple(routes),
-                    machine_id=self.machine_id)
+                    machine_id=self.machine_id, neighbours=self.neighbours(links))
+
+    def neighbours(self, links):
+        """The ARP and NDP entries that name a MAC, on the macvlan links among `links`."""
+        names = {link.index: link.name for link in links if link.kind == "macvlan"}
+        found = []
+        for msg in self.ipr.get_neighbours():
+            name, dst = names.get(msg["ifindex"]), msg.get_attr("NDA_DST")
+            mac = msg.get_attr("NDA_LLADDR")
+            if name and dst and mac:
+                found.append(Neighbour(name, ipaddress.ip_address(dst), mac.lower()))
+        return tuple(found)
 
     @staticmethod
     def _link(msg):
@@ -289,6 +301,9 @@ class Netlink:
                       proto=ROUTE_PROTO, scope=actions.route_scope(spec.dst),
                       prefsrc=str(spec.src), table=MAIN_TABLE,
                       family=socket.AF_INET if spec.dst.version == 4 else socket.AF_INET6)
+        elif isinstance(action, actions.NeighDel):
+            ipr.neigh("del", dst=str(action.address), ifindex=self.index(action.name, host),
+                      family=socket.AF_INET if action.address.version == 4 else socket.AF_INET6)
         elif isinstance(action, actions.RouteDel):
             route = action.route
             kwargs = dict(dst=str(route.dst), proto=ROUTE_PROTO, scope=route.scope,
@@ -318,6 +333,7 @@ class Change(NamedTuple):
     proto: int = 0
     host_route: bool = False        # a /32 or /128 destination
     dst: Optional[ipaddress._BaseNetwork] = None   # for our routes only
+    default_route: bool = False     # a /0 destination
 
     @classmethod
     def of(cls, msg):
@@ -337,7 +353,7 @@ class Change(NamedTuple):
                     strict=False)
             return cls(kind, table=msg.get_attr("RTA_TABLE") or msg["table"],
                        proto=msg["proto"], host_route=msg["dst_len"] == (32 if v4 else 128),
-                       dst=dst)
+                       dst=dst, default_route=msg["dst_len"] == 0)
         return cls(kind)
 
 
@@ -471,8 +487,10 @@ class ChangeFilter:
             if ours and change.kind == RTM_DELROUTE:
                 # Ours deleted by someone else: repair.
                 return own is None or not own.take(change.dst)
-            # A foreign host route may now block or free one of ours.
-            return not ours and change.host_route
+            # A foreign host route may now block or free one of ours. A default route
+            # moves the host's gateways (which the route-safety policy keeps off the
+            # shims) and the parent of a network that names none.
+            return not ours and (change.host_route or change.default_route)
         return False
 
 

@@ -71,6 +71,16 @@ class AddrDel(_OnLink):
     template: ClassVar[str] = "ip address del {self.interface} dev {self.name}"
 
 
+@dataclass(frozen=True)
+class NeighDel(_OnLink):
+    """Forget the MAC a container address was last seen at: the container answers at
+    another one now (restarted or recreated with a new MAC, as Podman does), and the
+    stale entry would cut the host off it for up to a minute."""
+
+    address: ipaddress._BaseAddress
+    template: ClassVar[str] = "ip neigh del {self.address} dev {self.name}"
+
+
 def _route_words(dst, shim, scope, src=None):
     family = "-6 " if dst.version == 6 else ""
     scope_word = " scope link" if scope == SCOPE_LINK else ""
@@ -208,15 +218,13 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
         state, looked_at = {}, owned_routes.keys() | desired.routes.keys()
     deletions, replacements = [], []
     for dst in sorted(looked_at, key=_dst_key):
-        action, state[dst] = _route(dst, desired.routes.get(dst), owned_routes.get(dst),
-                                    dst in host.route_index.foreign, usable, drop,
-                                    ready_sources, protection)
+        found, state[dst] = _route(dst, desired.routes.get(dst), owned_routes.get(dst),
+                                   dst in host.route_index.foreign, host, usable, drop,
+                                   ready_sources, protection)
         if state[dst] is None:
             del state[dst]
-        if isinstance(action, RouteDel):
-            deletions.append(action)
-        elif action is not None:
-            replacements.append(action)
+        for action in found:
+            (deletions if isinstance(action, RouteDel) else replacements).append(action)
     routes_kept = 0
     for dst, outcome in sorted(state.items(), key=lambda item: _dst_key(item[0])):
         if isinstance(outcome, Problem):
@@ -235,26 +243,30 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
 KEPT, PENDING = "kept", "pending"
 
 
-def _route(dst, want, have, foreign, usable, drop, ready_sources, protection):
-    """(the action for one destination or None, KEPT, PENDING, a Problem or None)."""
+def _route(dst, want, have, foreign, host, usable, drop, ready_sources, protection):
+    """(the actions for one destination, KEPT, PENDING, a Problem or None)."""
     unwanted = want is None or want.shim not in usable
     if have is not None and have.ifname not in drop and unwanted:
         if protection.covers(dst):
-            return None, KEPT
-        return RouteDel(have), None
+            return (), KEPT
+        return (RouteDel(have),), None
     if unwanted:
-        return None, None
+        return (), None
     if foreign:
-        return None, Problem(
+        return (), Problem(
             f"{dst} already has a route that macvlan-router did not add; leaving it "
             f"alone, so {want.container_name or dst} is not routed via {want.shim}",
             want.network or None, kind="warning")
     if (want.shim, want.src) not in ready_sources:
-        return None, PENDING if want.dst.version == 6 else None
+        return (), PENDING if want.dst.version == 6 else None
+    found = ()
     if have is None or have.ifname != want.shim or have.src != want.src \
             or want.shim in drop:
-        return RouteReplace(want), None
-    return None, None
+        found = (RouteReplace(want),)
+    seen = host.neighbour(want.shim, dst.network_address)
+    if want.mac and seen is not None and seen.mac != want.mac and want.shim not in drop:
+        found += (NeighDel(want.shim, dst.network_address),)
+    return found, None
 
 
 def after(host, actions):

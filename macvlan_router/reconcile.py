@@ -4,6 +4,7 @@ Shared by the daemon and by the check/status commands, so they all see the
 host the same way.
 """
 
+import ipaddress
 import logging
 from dataclasses import dataclass, field
 
@@ -75,6 +76,11 @@ class Reconciler:
         """Netlink reported changes: route changes go into the snapshot (and the next
         plan looks at their destinations); anything else means reading the host again."""
         routes, everything = self.news.take()
+        if any(route.dst.prefixlen == 0 for _, route in routes):
+            # A default route came or went: the host's gateways (the route-safety gate)
+            # and the parent of a network that names none follow it. Compute anew.
+            self.memo = desired_state.Memo()
+            everything = True
         host = None
         if routes and not everything and self._host is not None:
             host = self._host.with_notified_routes(routes)
@@ -149,8 +155,20 @@ class Reconciler:
         return Outcome(desired=want, plan=plan, host=host, problems=problems)
 
     def assess(self):
-        """What a reconcile would do now, without doing it."""
-        return self.compute(self._host or self.netlink.read())
+        """What a reconcile would do now, without doing it. Neighbour entries are read
+        afresh: they change without a netlink event the monitor follows."""
+        host = self._host
+        if host is None:
+            return self.compute(self.netlink.read())
+        neighbours = self.netlink.neighbours(host.links)
+        moved = set(neighbours) ^ set(host.neighbours)
+        if moved:
+            # The snapshot takes them, and the plan looks again at their destinations
+            # (a stale MAC there is a NeighDel).
+            self._host = host.with_neighbours(neighbours)
+            self._touched = self._touched | {
+                ipaddress.ip_network(n.ip) for n in moved}
+        return self.compute(self._host)
 
     def apply(self, outcome):
         """Carry out the outcome's plan; sets outcome.failed to the number of failed changes."""
@@ -190,4 +208,7 @@ def explain(action):
         return fields(shim=route.ifname, address=route.dst.network_address), "  # no longer wanted"
     if isinstance(action, (plan_mod.AddrAdd, plan_mod.AddrDel)):
         return fields(shim=action.name, address=action.interface.ip), ""
+    if isinstance(action, plan_mod.NeighDel):
+        return (fields(shim=action.name, address=action.address),
+                "  # the container answers at another MAC now")
     return fields(shim=action.name), ""

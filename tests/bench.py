@@ -2,18 +2,28 @@
 """Benchmark macvlan-router against a real Docker engine in the test lab (not a test).
 
 Run as root:  python3 tests/bench.py [--containers 30] [--burst 100] [--churn 1000] [--idle 60]
+              python3 tests/bench.py --engine podman|docker --latency-only [--containers 30]
+              python3 tests/bench.py --pure ENDPOINTS
 
 Prints, per figure (issues 2 and 9):
   connect event -> route present, disconnect event -> route gone (p50, p99, max), from the
   events' own timeNano to the route's netlink event, seen by a monitor in T, with 0 and 100
   containers already on one network and with 500 spread over 10 networks, each next to
   the floor measured in the same run: connect event -> `inspect_network` answered, through
-  the same client the daemon uses (docker-py's APIClient);
+  the same client the daemon uses (docker-py's APIClient), and how long the engine took to
+  deliver those events to a subscriber (a part of the above);
   RSS with 500 containers; start -> READY=1 with 500 containers present;
   with --burst/--idle/--churn above 0: 100 containers started at once, CPU over an idle
   minute, RSS after churn.
 The bench networks use 198.18.0.0/15 (the benchmarking range), one veth parent each
 (Docker 20.10 allows one macvlan network per parent), inside the lab's namespaces only.
+
+With --latency-only, and always with --engine podman (tests/podman_lab.py), only the
+first figures, on one network (parent lan0) with no other containers. Podman's containers
+are started with `podman run` and removed with `podman rm -f`, as a user does; it emits no
+network connect for `podman run`, so its container start and died events stand for connect
+and disconnect (Docker's network connect comes as the container starts, too), and there is
+no floor (it is measured on network connect events).
 """
 
 import argparse
@@ -29,9 +39,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from tests import lab as labmod  # noqa: E402
+import lab as labmod  # noqa: E402
+import podman_lab  # noqa: E402
 
 MONITOR = r"""
 import sys, time
@@ -92,18 +103,32 @@ class RouteWatch(Stamps):
 
 
 class EventWatch(Stamps):
-    """Docker's network connect/disconnect events with their timeNano, by container id."""
+    """Connect and disconnect events with their timeNano, by container id: Docker's network
+    connect/disconnect, Podman's container start/died (it emits no connect for podman
+    run). Also how long after its timeNano each event reached this subscriber."""
 
-    def __init__(self, client):
+    FILTERS = {"docker": {"type": ["network"]},
+               "podman": {"type": ["container"], "event": ["start", "died"]}}
+    MEANING = {"connect": "connect", "disconnect": "disconnect",
+               "start": "connect", "die": "disconnect"}
+
+    def __init__(self, client, engine):
         super().__init__()
-        self.stream = client.api.events(decode=True, filters={"type": ["network"]})
+        self.podman = engine == "podman"
+        self.delivery = []  # ms
+        self.stream = client.api.events(decode=True, filters=self.FILTERS[engine])
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self):
         try:
             for event in self.stream:
-                container = event.get("Actor", {}).get("Attributes", {}).get("container")
-                self.record((event.get("Action"), container), event["timeNano"])
+                self.delivery.append((time.time_ns() - event["timeNano"]) / 1e6)
+                actor = event.get("Actor", {})
+                container = actor.get("ID") if self.podman \
+                    else actor.get("Attributes", {}).get("container")
+                action = self.MEANING.get(event.get("Action"))
+                if action:
+                    self.record((action, container), event["timeNano"])
         except Exception:  # noqa: BLE001 - closed at the end
             pass
 
@@ -199,25 +224,59 @@ def fill(client, routes, networks, count, stem):
         return list(pool.map(one, range(count)))
 
 
-def latency(client, networks, routes, events, floor, count, label):
-    """Containers started and removed one at a time, round robin over `networks`: event ->
-    route latencies, and the floor for the same connect events."""
+def latency(client, networks, routes, events, floor, count, label, starter):
+    """Containers started and removed one at a time by `starter`, round robin over
+    `networks`: event -> route latencies, and the floor for the same connect events
+    (`floor` None: none measured)."""
     connect, disconnect, floors = [], [], []
+    del events.delivery[:]
     for i in range(count):
         network = networks[i % len(networks)]
-        container = run_container(client, network, f"lat{label.split()[0]}-{len(networks)}-{i}")
-        ip = container_ip(client, container.id, network)
+        cid = starter.run(network, f"lat{label.split()[0]}-{len(networks)}-{i}")
+        ip = container_ip(client, cid, network)
         added = routes.wait(("add", ip))
-        connect.append((added - events.wait(("connect", container.id))) / 1e6)
-        floors.append(floor.wait(container.id))
-        container.remove(force=True)
+        connect.append((added - events.wait(("connect", cid))) / 1e6)
+        if floor is not None:
+            floors.append(floor.wait(cid))
+        starter.remove(cid)
         gone = routes.wait(("del", ip))
-        disconnect.append((gone - events.wait(("disconnect", container.id))) / 1e6)
-    show(f"[{label}] floor: connect event -> inspect_network answered", floors)
+        disconnect.append((gone - events.wait(("disconnect", cid))) / 1e6)
+    if floors:
+        show(f"[{label}] floor: connect event -> inspect_network answered", floors)
     show(f"[{label}] connect event -> route present", connect)
     show(f"[{label}] disconnect event -> route gone", disconnect)
-    print(f"[{label}] p50 connect / p50 floor = "
-          f"{statistics.median(connect) / statistics.median(floors):.2f}", flush=True)
+    show(f"[{label}]   of which the engine's delivery of the event to a subscriber",
+         events.delivery)
+    if floors:
+        print(f"[{label}] p50 connect / p50 floor = "
+              f"{statistics.median(connect) / statistics.median(floors):.2f}", flush=True)
+
+
+class DockerRun:
+    """Containers through docker-py, as the Docker figures have always been taken."""
+
+    def __init__(self, lab):
+        self.client = lab.engine.client
+
+    def run(self, network, name):
+        return run_container(self.client, network, name).id
+
+    def remove(self, cid):
+        self.client.api.remove_container(cid, force=True)
+
+
+class PodmanRun:
+    """Containers through the podman CLI, as a user starts them."""
+
+    def __init__(self, lab):
+        self.engine = lab.engine
+
+    def run(self, network, name):
+        return self.engine.cli("run", "-d", "--name", name, "--network", network,
+                               labmod.IMAGE, *podman_lab.COMMAND).stdout.strip()
+
+    def remove(self, cid):
+        self.engine.cli("rm", "-f", "-t", "0", cid)
 
 
 def burst(lab, client, network, routes, events, count):
@@ -265,7 +324,7 @@ class PureDocker:
     def inspect(self, network_id):
         from macvlan_router.docker_source import to_network
         raw = self.answers.pop(network_id, None) or self.records[network_id]
-        network, problems = to_network(raw, {}, self.known.setdefault(network_id, {}))
+        network, problems = to_network(raw, {}, known=self.known.setdefault(network_id, {}))
         return network, tuple(problems)
 
 
@@ -279,6 +338,9 @@ class PureKernel:
 
     def read(self):
         return self.host
+
+    def neighbours(self, _links):
+        return self.host.neighbours
 
     def apply(self, actions, _host, _why):
         from tests.unit.factories import apply_model
@@ -346,40 +408,55 @@ def pure(endpoints, networks, events):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", choices=("docker", "podman"), default="docker")
     parser.add_argument("--containers", type=int, default=30,
                         help="containers started one at a time per size")
     parser.add_argument("--burst", type=int, default=0)
     parser.add_argument("--churn", type=int, default=0)
     parser.add_argument("--idle", type=float, default=0)
+    parser.add_argument("--latency-only", action="store_true",
+                        help="stop after the one-at-a-time figures on one network (always "
+                        "so for podman)")
     parser.add_argument("--pure", type=int, metavar="ENDPOINTS",
                         help="only the micro-benchmark without Docker, at this many endpoints")
     args = parser.parse_args()
     if args.pure:
         pure(args.pure, 10, 20)
         return
-    problem = labmod.prereq_problem()
+    podman = args.engine == "podman"
+    problem = (podman_lab if podman else labmod).prereq_problem()
     if problem:
         sys.exit(f"cannot run the benchmark: {problem}")
     print(f"load average at start: {os.getloadavg()}", flush=True)
-    lab = labmod.make_lab()
+    lab = (podman_lab if podman else labmod).make_lab()
     try:
         client = lab.engine.client
-        networks = bench_networks(lab, 10)
         daemon = lab.daemon(config={})
         pid = daemon.proc.pid
-        print(f"daemon pid {pid}, python {sys.version.split()[0]}, "
+        print(f"{args.engine}: daemon pid {pid}, python {sys.version.split()[0]}, "
               f"RSS at start {rss_kib(pid) / 1024:.1f} MiB", flush=True)
-        routes, events, floor = RouteWatch(lab), EventWatch(client), FloorWatch(lab.engine)
+        routes, events = RouteWatch(lab), EventWatch(client, args.engine)
+        starter = (PodmanRun if podman else DockerRun)(lab)
+        if podman or args.latency_only:
+            floor = None if podman else FloorWatch(lab.engine)
+            latency(client, [lab.engine.network("bench", parent="lan0")], routes, events,
+                    floor, args.containers, "0 containers, 1 network", starter)
+            for watch in (routes, events, floor):
+                if watch is not None:
+                    watch.close()
+            return
+        networks = bench_networks(lab, 10)
+        floor = FloorWatch(lab.engine)
         latency(client, networks[:1], routes, events, floor, args.containers,
-                "0 containers, 1 network")
+                "0 containers, 1 network", starter)
         hundred = fill(client, routes, networks[:1], 100, "hundred")
         latency(client, networks[:1], routes, events, floor, args.containers,
-                "100 containers, 1 network")
+                "100 containers, 1 network", starter)
         for cid in hundred[50:]:
             client.api.remove_container(cid, force=True)
         fill(client, routes, networks[1:], 450, "spread")
         latency(client, networks, routes, events, floor, args.containers,
-                "500 containers, 10 networks")
+                "500 containers, 10 networks", starter)
         print(f"RSS with 500 containers: {rss_kib(pid) / 1024:.1f} MiB", flush=True)
 
         if args.burst:

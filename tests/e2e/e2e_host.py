@@ -54,6 +54,17 @@ ROOTFS_PACKAGES = (
 ROOTFS_RECIPE = "2"   # bump when the way the rootfs is prepared changes
 
 
+def marks(what):
+    """The pytest marks every e2e module carries: `what` needs root and a Debian machine."""
+    import pytest
+    return [
+        pytest.mark.skipif(os.geteuid() != 0,
+                           reason=f"{what} need root (apt, network namespaces, dockerd)"),
+        pytest.mark.skipif(not Path("/etc/debian_version").exists(),
+                           reason=f"{what} need a Debian machine"),
+    ]
+
+
 class E2EError(Exception):
     """The test environment could not be set up (not a failure of the package)."""
 

@@ -11,7 +11,6 @@ The tests run in file order and share one box (module fixtures): each later test
 from the state the one before it leaves, and says so.
 """
 
-import os
 import re
 import subprocess
 import sys
@@ -24,12 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_host as e2e  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="package e2e tests need root (apt, network namespaces, dockerd)"),
-    pytest.mark.skipif(not Path("/etc/debian_version").exists(),
-                       reason="package e2e tests need a Debian machine"),
-]
+pytestmark = e2e.marks("package e2e tests")
 
 UNIT = "macvlan-router"
 SHIM = "mvr-lan0"
@@ -300,12 +294,14 @@ REMOVAL = re.compile(r"^ip .*\bdel\b", re.M)
 
 
 def assert_nothing_dropped(b, watch, routes_before, what):
-    """No ping lost, nothing of ours deleted even for a moment, the same routes after."""
+    """No ping lost, nothing of ours deleted even for a moment, every route still there
+    (an IPv6 route whose source was still in duplicate address detection may join)."""
     say(f"{what}: {watch.replied} pings answered, {len(watch.lost)} lost")
     assert watch.lost == [], \
         f"{what}: {len(watch.lost)} pings lost (sequence numbers {watch.lost[:20]}...)"
     assert not watch.deleted(SHIM), f"{what} deleted:\n" + "\n".join(watch.deleted(SHIM))
-    assert owned_routes(b) == routes_before
+    missing = set(routes_before) - set(owned_routes(b))
+    assert not missing, f"{what}: routes gone: {sorted(missing)}"
 
 
 def test_install_with_apt_starts_the_service(box):

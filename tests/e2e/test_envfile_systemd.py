@@ -10,7 +10,6 @@ parser must read the same values, or report the problem the table names where sy
 takes something we cannot use.
 """
 
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -23,12 +22,7 @@ from envfile_cases import CASES, REFUSED  # noqa: E402
 
 from macvlan_router import config  # noqa: E402
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="e2e tests need root (network namespaces, dockerd)"),
-    pytest.mark.skipif(not Path("/etc/debian_version").exists(),
-                       reason="e2e tests need a Debian machine"),
-]
+pytestmark = e2e.marks("e2e tests")
 
 CASES_DIR = "/root/envcases"
 UNIT = f"""[Unit]

@@ -79,6 +79,19 @@ CASES = {
                      True),
     "bad-route": (_lan_net, {"ADDITIONAL_ROUTES": "198.51.100.0/33"},
                   ["ADDITIONAL_ROUTES", "198.51.100.0/33"], True),
+    # The route-safety policy: what would take over the host's traffic is refused.
+    "route-default-halves": (_lan_net, {"ADDITIONAL_ROUTES": "0.0.0.0/1 128.0.0.0/1"},
+                             ["ADDITIONAL_ROUTES", "0.0.0.0/1"], True),
+    "route-link-local": (_lan_net, {"ADDITIONAL_ROUTES": "169.254.0.0/16"},
+                         ["ADDITIONAL_ROUTES", "169.254.0.0/16"], True),
+    "route-host-address": (_lan_net, {"ADDITIONAL_ROUTES": LAN0["host"]},
+                           ["ADDITIONAL_ROUTES", LAN0["host"], "host itself"], False),
+    "shim-named-as-parent": (_lan_net, {"MACVLAN_BRIDGE_INTERFACE_NAME": "lan0=lan0"},
+                             ["MACVLAN_BRIDGE_INTERFACE_NAME", "lan0"], True),
+    "shim-name-template": (_lan_net, {"MACVLAN_BRIDGE_INTERFACE_NAME": "mvr-%d"},
+                           ["MACVLAN_BRIDGE_INTERFACE_NAME", "mvr-%d"], True),
+    "bridge-ip-with-prefix": (_lan_net, {"MACVLAN_BRIDGE_IP": "198.51.100.0/24"},
+                              ["MACVLAN_BRIDGE_IP", "198.51.100.0/24"], True),
 }
 
 

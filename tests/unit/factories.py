@@ -22,9 +22,9 @@ def iface(text):
     return ipaddress.ip_interface(text)
 
 
-def endpoint(name, v4=None, v6=None):
+def endpoint(name, v4=None, v6=None, mac=None):
     return Endpoint(container_id=(name * 64)[:64], container_name=name,
-                    ipv4=ip(v4) if v4 else None, ipv6=ip(v6) if v6 else None)
+                    ipv4=ip(v4) if v4 else None, ipv6=ip(v6) if v6 else None, mac=mac)
 
 
 def network(name="lan", parent="eth0", subnets=("198.51.100.0/24",), endpoints=(), **kw):
@@ -57,6 +57,7 @@ def route(dst, dev, src=None, proto=ROUTE_PROTO, scope=253):
 def apply_model(h, actions):
     """What the kernel would do with the actions, on model values (pure logic tests only)."""
     links, addresses, routes = list(h.links), list(h.addresses), list(h.routes)
+    neighbours = list(h.neighbours)
     by_name = lambda name: next(link for link in links if link.name == name)  # noqa: E731
     for action in actions:
         if isinstance(action, plan.LinkAdd):
@@ -87,5 +88,8 @@ def apply_model(h, actions):
                                 priority=plan.IPV6_DEFAULT_METRIC * (spec.dst.version == 6)))
         elif isinstance(action, plan.RouteDel):
             routes.remove(action.route)
+        elif isinstance(action, plan.NeighDel):
+            neighbours = [n for n in neighbours
+                          if (n.ifname, n.ip) != (action.name, action.address)]
     return dataclasses.replace(h, links=tuple(links), addresses=tuple(addresses),
-                               routes=tuple(routes))
+                               routes=tuple(routes), neighbours=tuple(neighbours))

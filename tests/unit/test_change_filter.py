@@ -96,3 +96,9 @@ def test_forget_makes_a_link_new_again():
     assert f.relevant(up, WATCHED) and not f.relevant(up, WATCHED)
     f.forget()
     assert f.relevant(up, WATCHED)
+
+
+def test_a_foreign_default_route_change_matters():
+    """It moves the host's default gateways and the parent of a network that names none."""
+    assert relevant(Change(RTM_NEWROUTE, proto=4, default_route=True))
+    assert relevant(Change(RTM_DELROUTE, proto=3, default_route=True))

@@ -79,6 +79,9 @@ class FakeNetlink:
     def read(self):
         return self.host
 
+    def neighbours(self, _links):
+        return self.host.neighbours
+
     def apply(self, actions, _host, _why):
         self.host = apply_model(self.host, actions)
         self.applied.extend(actions)
@@ -167,7 +170,8 @@ def test_start_over_leftovers_with_a_failing_read_changes_nothing():
     assert d.phase is daemon_mod.SERVING
 
 
-def test_a_failed_refresh_is_retried_without_any_other_event():
+def connect_while_the_read_fails():
+    """A daemon serving `web`; then `new` connects and the next read of its network fails."""
     docker = FakeDocker(lan(("web", C1)))
     d, netlink, clock = make(docker)
     connected(d)
@@ -176,6 +180,11 @@ def test_a_failed_refresh_is_retried_without_any_other_event():
     docker.networks[net_id] = lan(("web", C1), ("new", C2))
     docker.failing[net_id] = 1
     d.triggers.put((daemon_mod.DOCKER, net_id))
+    return d, netlink, clock
+
+
+def test_a_failed_refresh_is_retried_without_any_other_event():
+    d, netlink, clock = connect_while_the_read_fails()
     start = clock.now
     d.step()
     assert f"{C2}/32" not in owned(netlink)
@@ -185,14 +194,7 @@ def test_a_failed_refresh_is_retried_without_any_other_event():
 
 
 def test_a_host_repair_does_not_cancel_the_docker_retry():
-    docker = FakeDocker(lan(("web", C1)))
-    d, netlink, clock = make(docker)
-    connected(d)
-    d.step()
-    net_id = next(iter(docker.networks))
-    docker.networks[net_id] = lan(("web", C1), ("new", C2))
-    docker.failing[net_id] = 1
-    d.triggers.put((daemon_mod.DOCKER, net_id))
+    d, netlink, _ = connect_while_the_read_fails()
     d.step()
     d.triggers.put((daemon_mod.HOST, None))
     d.step()

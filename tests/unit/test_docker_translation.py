@@ -119,21 +119,34 @@ def test_classify_survives_odd_events(event):
 
 def test_an_unchanged_endpoint_record_keeps_its_translation():
     known = {}
-    first, _ = to_network(record(), {}, known)
+    first, _ = to_network(record(), {}, known=known)
     again = record()
     again["Containers"][GOOD_CID] = dict(again["Containers"][GOOD_CID])  # a new decode
     del again["Containers"][BAD_CID]
-    second, _ = to_network(again, {}, known)
+    second, _ = to_network(again, {}, known=known)
     assert second.endpoints[0] is first.endpoints[0]
     assert set(known) == {GOOD_CID}, "a container gone is forgotten"
     again["Containers"][GOOD_CID]["IPv4Address"] = "198.51.100.140/24"
-    third, _ = to_network(again, {}, known)
+    third, _ = to_network(again, {}, known=known)
     assert str(third.endpoints[0].ipv4) == "198.51.100.140"
+    again["Containers"][GOOD_CID] = dict(again["Containers"][GOOD_CID],
+                                         MacAddress="02:42:c6:33:64:8c")
+    fourth, _ = to_network(again, {}, known=known)
+    assert fourth.endpoints[0].mac == "02:42:c6:33:64:8c", "a new MAC is a change"
 
 
 def test_a_record_with_a_bad_field_warns_on_every_read():
     known = {}
     raw = record()
     raw["Containers"][BAD_CID]["IPv6Address"] = "not an address"
-    assert len(to_network(raw, {}, known)[1]) == 1
-    assert len(to_network(raw, {}, known)[1]) == 1
+    assert len(to_network(raw, {}, known=known)[1]) == 1
+    assert len(to_network(raw, {}, known=known)[1]) == 1
+
+
+def test_the_mac_is_read_and_a_bad_one_left_out():
+    raw = record()
+    raw["Containers"][GOOD_CID]["MacAddress"] = "02:42:C6:33:64:82"
+    raw["Containers"][BAD_CID]["MacAddress"] = "not-a-mac"
+    network, problems = to_network(raw, {})
+    assert [e.mac for e in network.endpoints] == ["02:42:c6:33:64:82", None]
+    assert len(problems) == 1 and "MacAddress" in problems[0].message

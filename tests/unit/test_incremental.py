@@ -1,17 +1,20 @@
 """The incremental path equals a full recompute (hypothesis): desired.compute with the
 Memo kept across events against a fresh one, the plan scoped to what changed against a
 full plan, and the daemon's host snapshot, kept from its own changes (plan.after) and
-from netlink's route notifications without a dump, against the model kernel."""
+from netlink's route notifications without a dump, against the model kernel. The events
+include what Podman brought: containers' MACs and the shims' neighbour entries (NeighDel),
+and a network without a parent that follows the host's default route."""
 
 import dataclasses
+import ipaddress
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from macvlan_router import daemon as daemon_mod
 from macvlan_router import desired, plan
 from macvlan_router.config import Config
-from macvlan_router.model import Address
+from macvlan_router.model import Address, Neighbour, Route
 
 from .factories import apply_model, endpoint, host, iface, network
 from .test_daemon import FakeDocker, make
@@ -22,26 +25,37 @@ NETWORKS = {
     "lan0": dict(parent="eth0", subnets=("198.51.100.0/24",)),
     "lan1": dict(parent="eth1", subnets=("198.51.100.0/24",)),
     "lan2": dict(parent="eth2", subnets=("203.0.113.0/24", "2001:db8:2::/64")),
+    "lan3": dict(parent=None, default_route_parent=True, subnets=("198.51.100.0/24",)),
 }
 POOL = ("198.51.100.0", "198.51.100.2", "198.51.100.130", "198.51.100.131",
         "198.51.100.255", "203.0.113.130", "203.0.113.131", "203.0.113.2")
 V6 = (None, "2001:db8:2::1:5", "2001:db8:2::1:6")
 NAMES = ("a", "b", "c", "d")
+MACS = (None, "02:00:00:00:00:01", "02:00:00:00:00:02")
+SHIMS = tuple(desired.default_shim_name(parent) for parent in ("eth0", "eth1", "eth2"))
 HOST = host(links=("eth0", "eth1", "eth2"),
             addresses=(("eth0", "198.51.100.2/24"), ("eth1", "198.51.100.3/24"),
                        ("eth2", "203.0.113.2/24")))
 
 connects = st.tuples(st.just("connect"), st.sampled_from(sorted(NETWORKS)),
-                     st.sampled_from(NAMES), st.sampled_from(POOL), st.sampled_from(V6))
+                     st.sampled_from(NAMES), st.sampled_from(POOL), st.sampled_from(V6),
+                     st.sampled_from(MACS))
 disconnects = st.tuples(st.just("disconnect"), st.sampled_from(sorted(NETWORKS)),
                         st.sampled_from(NAMES))
 removals = st.tuples(st.just("remove"), st.sampled_from(sorted(NETWORKS)))
 host_changes = st.tuples(st.just("host address"), st.sampled_from(POOL))
-events = st.lists(st.one_of(connects, disconnects, removals, host_changes), max_size=25)
+default_routes = st.tuples(st.just("default route"),
+                           st.sampled_from((None, "eth0", "eth1", "eth2")))
+# Where containers are most often: a stale entry there is a NeighDel.
+neighbours = st.tuples(st.just("neighbour"), st.sampled_from(SHIMS),
+                       st.sampled_from(("198.51.100.130", "198.51.100.131", "203.0.113.130")),
+                       st.sampled_from(MACS[1:]))
+events = st.lists(st.one_of(connects, disconnects, removals, host_changes, default_routes,
+                            neighbours), max_size=25)
 
 
 def build(state):
-    return [network(name, endpoints=[endpoint(n, v4, v6) for n, (v4, v6) in
+    return [network(name, endpoints=[endpoint(n, v4, v6, mac) for n, (v4, v6, mac) in
                                      sorted(state[name].items())], **NETWORKS[name])
             for name in sorted(state)]
 
@@ -56,9 +70,19 @@ def step(state, objects, h, event):
         h = dataclasses.replace(h, addresses=addresses if len(addresses) < len(h.addresses)
                                 else addresses + (extra,))
         return objects, h
+    if kind == "default route":
+        routes = tuple(r for r in h.routes if r.dst.prefixlen != 0)
+        if event[1] is not None:
+            routes += (Route(dst=ipaddress.ip_network("0.0.0.0/0"), ifname=event[1], proto=3,
+                             gateways=(ipaddress.ip_address("203.0.113.1"),)),)
+        return objects, dataclasses.replace(h, routes=routes)
+    if kind == "neighbour":
+        entry = Neighbour(event[1], ipaddress.ip_address(event[2]), event[3])
+        kept = tuple(n for n in h.neighbours if (n.ifname, n.ip) != (entry.ifname, entry.ip))
+        return objects, h.with_neighbours(kept + (entry,) * (len(kept) == len(h.neighbours)))
     name = event[1]
     if kind == "connect":
-        state.setdefault(name, {})[event[2]] = (event[3], event[4])
+        state.setdefault(name, {})[event[2]] = (event[3], event[4], event[5])
     elif kind == "disconnect":
         state.get(name, {}).pop(event[2], None)
     else:
@@ -71,8 +95,8 @@ def step(state, objects, h, event):
 
 def full_value(want):
     """Everything a Desired says, including the RouteSpec fields equality skips."""
-    return (want.shims, {dst: (spec, spec.network, spec.container_id, spec.container_name)
-                         for dst, spec in want.routes.items()},
+    return (want.shims, {dst: (spec, spec.network, spec.container_id, spec.container_name,
+                               spec.mac) for dst, spec in want.routes.items()},
             want.networks, want.problems)
 
 
@@ -94,6 +118,9 @@ def plan_value(p):
 
 @settings(max_examples=300, deadline=None)
 @given(events)
+@example([("connect", "lan0", "a", "198.51.100.130", None, MACS[1]),
+          ("connect", "lan0", "b", "198.51.100.131", None, None),
+          ("neighbour", SHIMS[0], "198.51.100.130", MACS[2])])
 def test_a_plan_scoped_to_what_changed_is_the_full_plan(sequence):
     """Each plan is carried out on the model kernel, and the next one looks only at the
     destinations Docker's view or the last plan changed (unless the host changed under
@@ -102,7 +129,12 @@ def test_a_plan_scoped_to_what_changed_is_the_full_plan(sequence):
     previous, touched = None, frozenset()
     for event in sequence:
         objects, changed_host = step(state, objects, h, event)
-        if changed_host is not h:
+        if event[0] == "neighbour":
+            # As Reconciler.assess: new neighbour entries keep the snapshot, and the plan
+            # looks again at their destinations.
+            moved = set(changed_host.neighbours) ^ set(h.neighbours)
+            h, touched = changed_host, touched | {ipaddress.ip_network(n.ip) for n in moved}
+        elif changed_host is not h:
             h, previous = changed_host, None
         want = desired.compute(Config(), sorted(objects.values(), key=lambda n: n.name), h,
                                memo)
@@ -180,3 +212,32 @@ def test_the_daemon_s_snapshot_after_its_own_changes_is_the_kernel_s(sequence):
             assert sorted(snapshot.routes, key=str) == sorted(netlink.host.routes, key=str)
         fresh = desired.compute(Config(), [docker.networks[lan.id]], netlink.host)
         assert plan.compute(fresh, netlink.host).actions == ()
+
+
+def test_a_default_route_notification_moves_a_network_without_parent_at_once():
+    """The daemon's loop: the default route moves to another interface and the monitor
+    reports it as a route notification; the network that names no parent follows it
+    (its memoised routes and the snapshot are not reused), as a full reconcile would."""
+    def default_route(dev):
+        return Route(dst=ipaddress.ip_network("0.0.0.0/0"), ifname=dev, proto=3,
+                     gateways=(ipaddress.ip_address("203.0.113.1"),))
+    lan = network("lan", parent=None, default_route_parent=True,
+                  endpoints=[endpoint("a", "198.51.100.130")])
+    docker = FakeDocker(lan)
+    start = dataclasses.replace(HOST, routes=(default_route("eth0"),))
+    d, netlink, _ = make(docker, start)
+    d.triggers.put((daemon_mod.DOCKER, "all"))
+    d.step()
+    shims = {r.ifname for r in netlink.host.routes if r.owned}
+    assert shims == {desired.default_shim_name("eth0")}
+    moved = default_route("eth1")
+    netlink.host = dataclasses.replace(netlink.host, routes=tuple(
+        r for r in netlink.host.routes if r.dst.prefixlen) + (moved,))
+    d.reconciler.news.route(True, dataclasses.replace(
+        moved, ifname=netlink.host.link("eth1").index))
+    d.triggers.put((daemon_mod.HOST, None))
+    d.step()
+    shims = {r.ifname for r in netlink.host.routes if r.owned}
+    assert shims == {desired.default_shim_name("eth1")}
+    fresh = desired.compute(Config(), [lan], netlink.host)
+    assert plan.compute(fresh, netlink.host).actions == ()

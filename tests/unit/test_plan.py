@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from macvlan_router import desired, plan
 from macvlan_router.config import Config
-from macvlan_router.model import Address, Desired, Link
+from macvlan_router.model import Address, Desired, Link, Neighbour
 
 from .factories import MACHINE, apply_model, endpoint, host, iface, ip, net, network, route
 
@@ -62,6 +62,25 @@ def test_dad_failure_is_reported():
         dataclasses.replace(a, tentative=True, dad_failed=True) for a in h.addresses))
     problems = plan.compute(want, h).problems
     assert any("duplicate address detection" in p.message for p in problems)
+
+
+def test_a_neighbour_entry_at_another_mac_is_forgotten():
+    """A container restarted or recreated with a new MAC (Podman's are random) keeps its
+    address: the shim's ARP entry must not keep the old MAC."""
+    lan = network(endpoints=[endpoint("web", "198.51.100.130", mac="0a:00:00:00:00:02")])
+    want = desired.compute(Config(), [lan], host())
+    h = apply_model(host(), plan.compute(want, host()).actions)
+
+    def seen_at(mac):
+        return dataclasses.replace(h, neighbours=(
+            Neighbour("mvr-eth0", ip("198.51.100.130"), mac),))
+    stale = plan.compute(want, seen_at("0a:00:00:00:00:01")).actions
+    assert [a.command() for a in stale] == ["ip neigh del 198.51.100.130 dev mvr-eth0"]
+    assert plan.compute(want, apply_model(seen_at("0a:00:00:00:00:01"), stale)).actions == ()
+    assert plan.compute(want, seen_at("0a:00:00:00:00:02")).actions == ()
+    unknown = desired.compute(Config(), [network(endpoints=[endpoint("web", "198.51.100.130")])],
+                              host())
+    assert plan.compute(unknown, seen_at("0a:00:00:00:00:01")).actions == ()
 
 
 def test_stale_owned_route_removed_foreign_route_kept():
