@@ -175,7 +175,8 @@ def install_host_tools():
     env = debian_env(DEBIAN_FRONTEND="noninteractive")
     with no_service_starts():
         p = run(apt + ["install", *host_packages(env)], check=False, timeout=900, env=env)
-        if p.returncode != 0:
+        # Lists that are stale or missing may not know docker-cli yet.
+        if p.returncode != 0 or missing_host_tools():
             run(["apt-get", "-q", "-o", "Acquire::Retries=5", "update"], timeout=600, env=env)
             run(apt + ["install", *host_packages(env)], timeout=900, env=env)
     if missing_host_tools():
