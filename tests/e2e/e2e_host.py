@@ -9,8 +9,8 @@
 
 Each release's root file system (RELEASES: bookworm and trixie) is built once with
 debootstrap and cached as a tarball under /var/cache/macvlan-router-tests/ (keyed by its
-release and package list). Names carry the pid of the
-pytest process, and what an earlier run whose process is gone left behind is swept.
+release and package list). Names carry the pid of the pytest process, and what an earlier
+run whose process is gone left behind is swept.
 Every wait is bounded in time and in iterations.
 """
 
@@ -66,7 +66,6 @@ COMMON_MASKED = (
 class Release:
     """A Debian release the package is tested on, and how its box differs."""
     suite: str
-    version: str
     extra_packages: tuple = ()
     extra_masked: tuple = ()
     recipe: str = "2"     # bump when the way this rootfs is prepared (masks too) changes
@@ -88,10 +87,11 @@ class Release:
 
 
 RELEASES = (
-    Release("bookworm", "12"),
-    # debootstrap --include takes no recommendations, and docker.io only recommends its
-    # client here. systemd-modules-load.service fails in a container ("degraded").
-    Release("trixie", "13", extra_packages=("docker-cli",),
+    Release("bookworm"),        # Debian 12
+    # Debian 13: debootstrap --include takes no recommendations, and docker.io only
+    # recommends its client here; systemd-modules-load.service fails in a container (the
+    # box would boot "degraded").
+    Release("trixie", extra_packages=("docker-cli",),
             extra_masked=("systemd-modules-load.service",)),
 )
 
