@@ -2,18 +2,20 @@
 
     machine's own netns (never touched)
       netns mvre2e-<pid>               an outer dockerd confined here (DESIGN.md section 4)
-        container "box" (--network none, systemd as PID 1, a debootstrapped bookworm)
+        container "box" (--network none, systemd as PID 1, a debootstrapped Debian release)
           lan0 <-veth-> lanpeer0        the box's "LAN" (documentation addresses only)
           docker.service                the inner engine, a macvlan network on lan0
           macvlan-router.service        installed with apt from the .deb under test
 
-The bookworm root file system is built once with debootstrap and cached as a tarball under
-/var/cache/macvlan-router-tests/ (keyed by its package list). Names carry the pid of the
-pytest process, and what an earlier run whose process is gone left behind is swept.
+Each release's root file system (RELEASES: bookworm and trixie) is built once with
+debootstrap and cached as a tarball under /var/cache/macvlan-router-tests/ (keyed by its
+release and package list). Names carry the pid of the pytest process, and what an earlier
+run whose process is gone left behind is swept.
 Every wait is bounded in time and in iterations.
 """
 
 import contextlib
+import dataclasses
 import email.utils
 import hashlib
 import os
@@ -36,13 +38,13 @@ CACHE_DIR = Path(os.environ.get("MVR_E2E_CACHE", "/var/cache/macvlan-router-test
 NS_PREFIX = "mvre2e-"
 LABEL = "org.macvlan-router.e2e"
 
-# Debian packages the test needs on the machine itself.
+# Debian packages the test needs on the machine itself (and docker-cli where it exists:
+# from Debian 13 on, docker.io only recommends its client).
 HOST_PACKAGES = ("debootstrap", "docker.io", "lintian", "systemd", "iproute2", "util-linux",
                  "xz-utils")
 
 # The box has no network: everything the package and the test use must be in the image.
-SUITE = "bookworm"
-ROOTFS_PACKAGES = (
+COMMON_PACKAGES = (
     "systemd", "systemd-sysv", "dbus", "python3", "python3-docker", "python3-pyroute2",
     "python3-systemd", "docker.io", "busybox-static", "iproute2", "apt-utils", "man-db",
     "procps", "kmod",
@@ -51,7 +53,47 @@ ROOTFS_PACKAGES = (
     "pybuild-plugin-pyproject", "python3-all", "python3-setuptools", "python3-pytest",
     "python3-hypothesis",
 )
-ROOTFS_RECIPE = "2"   # bump when the way the rootfs is prepared changes
+# Nothing to log in on, no hardware to wait for in a container.
+COMMON_MASKED = (
+    "getty.target", "console-getty.service", "systemd-udevd.service",
+    "systemd-udev-trigger.service", "systemd-timesyncd.service", "apt-daily.timer",
+    "apt-daily-upgrade.timer", "e2scrub_all.timer", "fstrim.timer", "man-db.timer",
+    "dpkg-db-backup.timer",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Release:
+    """A Debian release the package is tested on, and how its box differs."""
+    suite: str
+    extra_packages: tuple = ()
+    extra_masked: tuple = ()
+    recipe: str = "2"     # bump when the way this rootfs is prepared (masks too) changes
+
+    @property
+    def packages(self):
+        return COMMON_PACKAGES + self.extra_packages
+
+    @property
+    def masked(self):
+        return COMMON_MASKED + self.extra_masked
+
+    def key(self):
+        h = hashlib.sha256(" ".join((self.suite, self.recipe) + self.packages).encode())
+        return h.hexdigest()[:12]
+
+    def image(self):
+        return f"mvr-e2e-{self.suite}:{self.key()}"
+
+
+RELEASES = (
+    Release("bookworm"),        # Debian 12
+    # Debian 13: debootstrap --include takes no recommendations, and docker.io only
+    # recommends its client here; systemd-modules-load.service fails in a container (the
+    # box would boot "degraded").
+    Release("trixie", extra_packages=("docker-cli",),
+            extra_masked=("systemd-modules-load.service",)),
+)
 
 
 def marks(what):
@@ -119,6 +161,12 @@ def no_service_starts():
         policy.unlink()
 
 
+def host_packages(env):
+    """HOST_PACKAGES, and docker-cli when apt knows it (Debian 13 and later)."""
+    known = run(["apt-cache", "show", "docker-cli"], check=False, env=env).returncode == 0
+    return HOST_PACKAGES + (("docker-cli",) if known else ())
+
+
 def install_host_tools():
     """apt-get install what the test needs on the machine, when something is missing."""
     if not missing_host_tools():
@@ -126,10 +174,11 @@ def install_host_tools():
     apt = ["apt-get", "-y", "-q", "-o", "Acquire::Retries=5", "--no-install-recommends"]
     env = debian_env(DEBIAN_FRONTEND="noninteractive")
     with no_service_starts():
-        p = run(apt + ["install", *HOST_PACKAGES], check=False, timeout=900, env=env)
-        if p.returncode != 0:
+        p = run(apt + ["install", *host_packages(env)], check=False, timeout=900, env=env)
+        # Lists that are stale or missing may not know docker-cli yet.
+        if p.returncode != 0 or missing_host_tools():
             run(["apt-get", "-q", "-o", "Acquire::Retries=5", "update"], timeout=600, env=env)
-            run(apt + ["install", *HOST_PACKAGES], timeout=900, env=env)
+            run(apt + ["install", *host_packages(env)], timeout=900, env=env)
     if missing_host_tools():
         raise E2EError(f"still missing after apt-get install: {missing_host_tools()}")
 
@@ -198,18 +247,14 @@ def debian_mirror():
     return "http://deb.debian.org/debian"
 
 
-def rootfs_key():
-    h = hashlib.sha256(" ".join((SUITE, ROOTFS_RECIPE) + ROOTFS_PACKAGES).encode())
-    return h.hexdigest()[:12]
-
-
-def rootfs_tarball(log=print):
-    """Path of the cached bookworm rootfs tarball; debootstrap it first when missing."""
+def rootfs_tarball(release, log=print):
+    """Path of the release's cached rootfs tarball; debootstrap it first when missing."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    tarball = CACHE_DIR / f"{SUITE}-systemd-{rootfs_key()}.tar"
+    suite = release.suite
+    tarball = CACHE_DIR / f"{suite}-systemd-{release.key()}.tar"
     if tarball.is_file():
         return tarball, True
-    for stale in CACHE_DIR.glob(f"{SUITE}-systemd-*.tar*"):
+    for stale in CACHE_DIR.glob(f"{suite}-systemd-*.tar*"):
         m = re.search(r"\.(\d+)\.tmp$", stale.name)
         if not m or not lab.pid_alive(int(m.group(1))):
             stale.unlink()
@@ -218,9 +263,9 @@ def rootfs_tarball(log=print):
     last = None
     for attempt in range(1, 4):
         lab.remove_tree(work)
-        log(f"debootstrap {SUITE} from {mirror} (attempt {attempt})")
-        p = run(["debootstrap", "--variant=minbase", f"--include={','.join(ROOTFS_PACKAGES)}",
-                 SUITE, work, mirror], check=False, timeout=1500, env=debian_env())
+        log(f"debootstrap {suite} from {mirror} (attempt {attempt})")
+        p = run(["debootstrap", "--variant=minbase", f"--include={','.join(release.packages)}",
+                 suite, work, mirror], check=False, timeout=1500, env=debian_env())
         if p.returncode == 0:
             break
         last = p.stdout[-2000:] + p.stderr[-2000:]
@@ -229,7 +274,7 @@ def rootfs_tarball(log=print):
         lab.remove_tree(work)
         raise E2EError(f"debootstrap failed three times:\n{last}")
     try:
-        _prepare_rootfs(work)
+        _prepare_rootfs(work, release)
         tmp = tarball.with_name(tarball.name + f".{os.getpid()}.tmp")
         run(["tar", "-C", work, "--numeric-owner", "-cf", tmp, "."], timeout=600)
         tmp.rename(tarball)
@@ -238,17 +283,13 @@ def rootfs_tarball(log=print):
     return tarball, False
 
 
-def _prepare_rootfs(root):
+def _prepare_rootfs(root, release):
     root = Path(root)
     (root / "etc/hostname").write_text("mvr-e2e\n")
     (root / "etc/hosts").write_text("127.0.0.1 localhost mvr-e2e\n::1 localhost\n")
     # A fixed machine id: the shim's MAC is derived from it.
     (root / "etc/machine-id").write_text(uuid.uuid4().hex + "\n")
-    # Nothing to log in on, no hardware to wait for in a container.
-    for unit in ("getty.target", "console-getty.service", "systemd-udevd.service",
-                 "systemd-udev-trigger.service", "systemd-timesyncd.service",
-                 "apt-daily.timer", "apt-daily-upgrade.timer", "e2scrub_all.timer",
-                 "fstrim.timer", "man-db.timer", "dpkg-db-backup.timer"):
+    for unit in release.masked:
         link = root / "etc/systemd/system" / unit
         with contextlib.suppress(FileNotFoundError):
             link.unlink()
@@ -357,10 +398,11 @@ BOX_RUN_FLAGS = (
 class Box:
     """A container running systemd as PID 1: the Debian host the package is installed on."""
 
-    def __init__(self, engine, image):
+    def __init__(self, engine, release):
         self.engine = engine
-        self.image = image
-        self.name = f"{NS_PREFIX}{os.getpid()}-box"
+        self.release = release
+        self.image = release.image()
+        self.name = f"{NS_PREFIX}{os.getpid()}-{release.suite}"
 
     def start(self, timeout=90):
         self.engine.docker("run", "-d", "--name", self.name, "--hostname", "mvr-e2e",
@@ -384,6 +426,15 @@ class Box:
     def cp_in(self, src, dst):
         self.engine.docker("cp", str(src), f"{self.name}:{dst}")
 
+    def untar(self, data, dest):
+        """Unpack a tar stream (bytes) into `dest` in the box, emptied first."""
+        p = subprocess.run([DOCKER_CLI, "-H", f"unix://{self.engine.sock}", "exec", "-i",
+                            self.name, "sh", "-c",
+                            f"rm -rf {dest} && mkdir -p {dest} && tar -C {dest} -xf -"],
+                           input=data, capture_output=True, timeout=120, env=debian_env())
+        if p.returncode != 0:
+            raise E2EError(f"cannot unpack into {dest} in the box: {p.stderr.decode()[-2000:]}")
+
     def write(self, path, text):
         self.sh(f"cat > {path}", input=text)
 
@@ -397,6 +448,29 @@ class Box:
     def stop(self):
         self.engine.docker("stop", "-t", "15", self.name, check=False, timeout=60)
         self.engine.docker("rm", "-f", self.name, check=False, timeout=60)
+
+
+@contextlib.contextmanager
+def booted_box(release, log=print):
+    """The release's rootfs booted with systemd as PID 1 under a confined outer engine."""
+    t = time.monotonic()
+    tarball, cached = rootfs_tarball(release, log=log)
+    log(f"rootfs {tarball.name} {'cached' if cached else 'built'} "
+        f"in {time.monotonic() - t:.1f}s")
+    engine = OuterDocker()
+    box = None
+    try:
+        t = time.monotonic()
+        engine.start()
+        engine.docker("import", tarball, release.image(), timeout=600)
+        box = Box(engine, release)
+        state = box.start()
+        log(f"{release.suite} box up ({state}) in {time.monotonic() - t:.1f}s")
+        yield box
+    finally:
+        if box is not None:
+            box.stop()
+        engine.stop()
 
 
 class Watch:

@@ -1,18 +1,19 @@
 """The Debian package end to end: build, lint, and run it under a real systemd.
 
 Root only. Builds the .deb with debian/build-deb (what `make deb` runs), checks it with
-lintian and systemd-analyze, then installs it with apt on a debootstrapped bookworm booted
+lintian and systemd-analyze, then installs it with apt on each release in e2e.RELEASES
+(debootstrapped Debian 12 and 13, each with its own docker.io and libraries) booted
 with systemd as PID 1 in docker-in-docker (see e2e_host.py; DESIGN.md section 4), and
 checks what a user does: the service runs, a macvlan container is reachable from the host,
 the journal says what happened, reload/stop/watchdog/bad configuration behave, purge leaves
 nothing behind. Only documentation addresses are used, and only inside the box.
 
-The tests run in file order and share one box (module fixtures): each later test starts
-from the state the one before it leaves, and says so.
+The tests run in file order and share one box per release (module fixtures, the release a
+parameter from conftest.py): each later test starts from the state the one before it
+leaves, and says so. The static checks run once.
 """
 
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -153,22 +154,9 @@ def test_systemd_analyze_security_exposure(unpacked):
 # --------------------------------------------------------------------------- real systemd
 
 @pytest.fixture(scope="module")
-def box(built):
+def box(built, release):
     deb = built[0]
-    t = time.monotonic()
-    tarball, cached = e2e.rootfs_tarball(log=say)
-    say(f"rootfs {tarball.name} {'cached' if cached else 'built'} "
-        f"in {time.monotonic() - t:.1f}s")
-    engine = e2e.OuterDocker()
-    b = None
-    try:
-        t = time.monotonic()
-        engine.start()
-        image = f"mvr-e2e-{e2e.SUITE}:{e2e.rootfs_key()}"
-        engine.docker("import", tarball, image, timeout=600)
-        b = e2e.Box(engine, image)
-        state = b.start()
-        say(f"box up ({state}) in {time.monotonic() - t:.1f}s")
+    with e2e.booted_box(release, log=say) as b:
         b.cp_in(deb, f"/root/{deb.name}")
         b.cp_in(e2e.REPO_ROOT / "debian" / "tests", "/root/autopkgtest")
         b.sh("mkdir -p /tmp/bb/bin && cp /bin/busybox /tmp/bb/bin/ && "
@@ -178,10 +166,6 @@ def box(built):
         b.sh("tar -C /tmp/bb -c . | docker import - bb:latest")
         b.deb = deb
         yield b
-    finally:
-        if b is not None:
-            b.stop()
-        engine.stop()
 
 
 def ip_json(b, args):
@@ -625,12 +609,7 @@ def test_make_install_from_a_source_tree(box):
     leaves the service enabled and running with the default configuration."""
     box.sh("export DEBIAN_FRONTEND=noninteractive; "
            "! dpkg -s macvlan-router >/dev/null 2>&1 || apt-get purge -y macvlan-router")
-    tar = e2e.checkout_tar()
-    p = subprocess.run([e2e.DOCKER_CLI, "-H", f"unix://{box.engine.sock}", "exec", "-i",
-                        box.name, "sh", "-c",
-                        "rm -rf /root/src && mkdir /root/src && tar -C /root/src -xf -"],
-                       input=tar, capture_output=True, timeout=120, env=e2e.debian_env())
-    assert p.returncode == 0, p.stderr
+    box.untar(e2e.checkout_tar(), "/root/src")
     t = time.monotonic()
     p = box.sh("cd /root/src && make install", check=False, timeout=600)
     say(f"make install in the box took {time.monotonic() - t:.1f}s")
