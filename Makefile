@@ -1,4 +1,4 @@
-# Entry points for people and CI. Each target installs what it needs on Debian 12.
+# Entry points for people and CI. Each target installs what it needs on Debian 12 or 13.
 .PHONY: deb install check
 
 # Build the source and binary packages into build/ (installs the build

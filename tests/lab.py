@@ -156,7 +156,8 @@ def prereq_problem():
     for tool, path in (("dockerd", DOCKERD), ("docker CLI", DOCKER_CLI),
                        ("busybox-static", BUSYBOX)):
         if not os.access(path, os.X_OK):
-            return f"{tool} missing ({path}): apt-get install docker.io busybox-static"
+            return (f"{tool} missing ({path}): apt-get install docker.io busybox-static "
+                    "(and docker-cli on Debian 13)")
     for tool in ("ip", "nsenter"):
         if not shutil.which(tool):
             return f"{tool} missing"
