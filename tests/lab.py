@@ -947,19 +947,45 @@ class Daemon:
 
 # --------------------------------------------------------------------------- fixtures glue
 
-def make_lab():
-    """Sweep stale runs, build namespaces + engine + image. Caller must call teardown()."""
+def make_lab(lab_class=None, engine_class=None):
+    """Sweep stale runs, build namespaces + engine + image (by default the Docker lab's).
+    Caller must call teardown()."""
     sweep_stale_labs()
-    lab = Lab()
+    lab = (lab_class or Lab)()
     try:
         lab.setup()
-        engine = Engine(lab)
+        engine = (engine_class or Engine)(lab)
         engine.start()
         engine.ensure_image()
     except BaseException:
         lab.teardown()
         raise
     return lab
+
+
+def lab_session(prereq_problem, make):
+    """Body of a session fixture: the lab make() builds, torn down at the end; skipped when
+    prerequisites are missing, failed instead under MVR_REQUIRE_INTEGRATION=1 (CI)."""
+    import pytest
+    problem = prereq_problem()
+    if problem:
+        if os.environ.get("MVR_REQUIRE_INTEGRATION") == "1":
+            pytest.fail(f"integration prerequisites missing: {problem}")
+        pytest.skip(problem)
+    the_lab = make()
+    try:
+        yield the_lab
+    finally:
+        the_lab.teardown()
+
+
+def reset_around(the_lab):
+    """Body of a per-test fixture: the lab clean before the test and reset after it."""
+    the_lab.reset()
+    try:
+        yield the_lab
+    finally:
+        the_lab.reset()
 
 
 def random_suffix():

@@ -261,15 +261,5 @@ class Podman(lablib.Engine):
 
 def make_lab():
     """Sweep stale runs, build namespaces + Podman + image. Caller must call teardown()."""
-    lablib.sweep_stale_labs()
     sweep_stale_labs()
-    lab = PodmanLab()
-    try:
-        lab.setup()
-        engine = Podman(lab)
-        engine.start()
-        engine.ensure_image()
-    except BaseException:
-        lab.teardown()
-        raise
-    return lab
+    return lablib.make_lab(PodmanLab, Podman)

@@ -6,7 +6,6 @@ removed, namespace T back to lo/lan0/lan1 with only the kernel's routes), so tes
 independent even when one fails half-way.
 """
 
-import os
 import sys
 from pathlib import Path
 
@@ -26,26 +25,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def session_lab():
-    problem = lablib.prereq_problem()
-    if problem:
-        if os.environ.get("MVR_REQUIRE_INTEGRATION") == "1":
-            pytest.fail(f"integration prerequisites missing: {problem}")
-        pytest.skip(problem)
-    the_lab = lablib.make_lab()
-    try:
-        yield the_lab
-    finally:
-        the_lab.teardown()
+    yield from lablib.lab_session(lablib.prereq_problem, lablib.make_lab)
 
 
 @pytest.fixture
 def lab(session_lab):
     """The lab, clean before the test and reset after it."""
-    session_lab.reset()
-    try:
-        yield session_lab
-    finally:
-        session_lab.reset()
+    yield from lablib.reset_around(session_lab)
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ RESYNC_INTERVAL stays at its default (60 s) or above, far beyond every deadline 
 only Podman's events and netlink's can pass these tests. Podman's file events backend
 (no journald here) delivers an event about 0.25 s after it happened."""
 
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
+import lab as lablib
 import podman_lab
 from lab import (IMAGE, LAN0, LAN1, SHIM0, SHIM1, assert_no_traceback, holds_for, shim_addr,
                  wait_until)
@@ -29,26 +29,13 @@ QUIET = {"RESYNC_INTERVAL": "86400"}   # events only
 
 @pytest.fixture(scope="module")
 def podman_session():
-    problem = podman_lab.prereq_problem()
-    if problem:
-        if os.environ.get("MVR_REQUIRE_INTEGRATION") == "1":
-            pytest.fail(f"Podman lab prerequisites missing: {problem}")
-        pytest.skip(problem)
-    the_lab = podman_lab.make_lab()
-    try:
-        yield the_lab
-    finally:
-        the_lab.teardown()
+    yield from lablib.lab_session(podman_lab.prereq_problem, podman_lab.make_lab)
 
 
 @pytest.fixture
 def lab(podman_session):
     """The Podman lab, clean before the test and reset after it."""
-    podman_session.reset()
-    try:
-        yield podman_session
-    finally:
-        podman_session.reset()
+    yield from lablib.reset_around(podman_session)
 
 
 @pytest.fixture

@@ -45,7 +45,7 @@ def test_refused(prefix, reason):
 
 
 @pytest.mark.parametrize("prefix", [
-    "198.51.100.130/32", "198.51.100.224/28", "203.0.113.0/24", "10.0.0.0/8",
+    "198.51.100.130/32", "198.51.100.224/28", "203.0.113.0/24", "198.18.0.0/15",
     "2001:db8:1::1:5/128", "2001:db8:2::/48"])
 def test_allowed(prefix):
     assert safety.refusal(net(prefix), FACTS) is None
