@@ -64,4 +64,7 @@ def test_integration_tests_pass_on_the_release(plain_box):
     if plain_box.release.suite == machine_release():
         pytest.skip(f"{plain_box.release.suite} is this machine's release: "
                     "tests/integration runs on the machine itself")
-    run_tests(plain_box, "tests/integration", timeout=1800)
+    # The boxes carry no Podman (its lab needs a release's podman, netavark and crun in
+    # the rootfs): the Podman tests run on the machine itself only.
+    run_tests(plain_box, "tests/integration --ignore=tests/integration/test_podman.py",
+              timeout=1800)
