@@ -56,6 +56,8 @@ LAN1 = dict(parent="lan1", peer="peer1",
             subnet6="2001:db8:2::/64", gateway6="2001:db8:2::1", ip_range6="2001:db8:2::1:0/112",
             host6="2001:db8:2::2", peer_ip6="2001:db8:2::3")
 LANS = {"lan0": LAN0, "lan1": LAN1}
+SHIM0 = "mvr-lan0"   # default shim names (contract: mvr-<parent>)
+SHIM1 = "mvr-lan1"
 
 NS_PREFIX = "mvrlab-"
 DOCKERD = shutil.which("dockerd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/dockerd"
@@ -451,6 +453,16 @@ class Lab:
         """`ip -n NS ARGS...` (default T)."""
         return run(["ip", "-n", ns or self.T, *args], check=check)
 
+    def parent_down(self, unreachable, parent="lan0", shim=SHIM0):
+        """Take the parent down (what a link flap or a NetworkManager rescan does) and wait
+        until the shim has lost its lower layer and `unreachable` no longer answers."""
+        self.ipc("link", "set", parent, "down")
+        wait_until(lambda: self.link(shim) is None
+                   or self.link(shim)["operstate"] in ("LOWERLAYERDOWN", "DOWN"),
+                   desc="the shim losing its lower layer")
+        time.sleep(0.5)   # let the daemon see the parent down
+        assert not self.ping(unreachable)
+
     # the daemon and the CLI -------------------------------------------------------
     def daemon_env(self, docker_host=None, env=None):
         e = {k: v for k, v in os.environ.items()
@@ -510,14 +522,17 @@ class Lab:
 class Engine:
     """A dockerd confined to namespace T with its own directories."""
 
+    # Under the lab directory: the engine's own directory, API socket and log.
+    DIR, SOCKET, LOG = "docker", "docker.sock", "dockerd.log"
+
     def __init__(self, lab):
         self.lab = lab
-        self.dir = lab.dir / "docker"
+        self.dir = lab.dir / self.DIR
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.sock = self.dir / "docker.sock"
+        self.sock = self.dir / self.SOCKET
         self.host = f"unix://{self.sock}"
         self.pidfile = self.dir / "dockerd.pid"
-        self.log = self.dir / "dockerd.log"
+        self.log = self.dir / self.LOG
         self.proc = None
         self._client = None
         self.extra_args = []     # more dockerd options (e.g. --live-restore), from next start
@@ -993,10 +1008,6 @@ def random_suffix():
 
 
 # --------------------------------------------------------------------------- test helpers
-
-SHIM0 = "mvr-lan0"   # default shim names (contract: mvr-<parent>)
-SHIM1 = "mvr-lan1"
-
 
 def assert_no_traceback(text, what="output"):
     assert "Traceback (most recent call last)" not in text, f"traceback in {what}:\n{text}"

@@ -114,13 +114,10 @@ class Podman(lablib.Engine):
     the ping helpers from lab.Engine; creates networks and containers with the podman
     CLI, as a user does."""
 
+    DIR, SOCKET, LOG = "podman", "podman.sock", "service.log"
+
     def __init__(self, lab):
         super().__init__(lab)
-        self.dir = lab.dir / "podman"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.sock = self.dir / "podman.sock"
-        self.host = f"unix://{self.sock}"
-        self.log = self.dir / "service.log"
         self.networks_dir = self.dir / "networks"
         for name, text in (("containers.conf", CONTAINERS_CONF), ("storage.conf", STORAGE_CONF),
                            ("registries.conf", "")):
