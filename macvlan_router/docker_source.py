@@ -18,7 +18,7 @@ import requests
 
 from . import podman
 from .errors import DockerUnavailable
-from .model import Endpoint, Network, Problem
+from .model import IPVLAN, Endpoint, Network, Problem
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,14 @@ def to_network(raw, by_name, engine="Docker", known=None):
     if parent is not None and not isinstance(parent, str):
         parent = bad.skip("Options.parent", parent)
     ipam_driver, ipam = _ipam(source, bad)
+    driver = raw.get("Driver") if isinstance(raw.get("Driver"), str) else ""
+    ipvlan_mode, ipvlan_flag = _ipvlan_options(driver, options)
     return Network(
         id=net_id,
         name=name,
-        driver=raw.get("Driver") if isinstance(raw.get("Driver"), str) else "",
+        driver=driver,
+        ipvlan_mode=ipvlan_mode,
+        ipvlan_flag=ipvlan_flag,
         parent=parent or None,
         subnets=tuple(_parsed(ipam, "Subnet", _prefix, bad)),
         endpoints=_endpoints(raw, name, problems, engine, known),
@@ -129,6 +133,19 @@ def to_network(raw, by_name, engine="Docker", known=None):
         labels=tuple(sorted((str(k), str(v)) for k, v in
                             _mapping(raw.get("Labels"), bad, "Labels").items())),
     ), problems
+
+
+# Docker's ipvlan options and the values it takes when they are absent or empty.
+IPVLAN_DEFAULTS = (("ipvlan_mode", "l2"), ("ipvlan_flag", "bridge"))
+
+
+def _ipvlan_options(driver, options):
+    """(ipvlan_mode, ipvlan_flag) of an ipvlan network, Docker's defaults filled in; (None,
+    None) for other drivers. Any other value is passed on as text, for desired.py to
+    refuse by name: guessing a mode would switch the containers' mode too."""
+    if driver != IPVLAN:
+        return None, None
+    return tuple(str(options.get(key) or default) for key, default in IPVLAN_DEFAULTS)
 
 
 class _Complaints:

@@ -18,6 +18,12 @@ ROUTE_PROTO_NAME = "macvlan-router"
 # IFLA_IFALIAS on every link we create: our claim of ownership.
 LINK_ALIAS = "macvlan-router"
 MAIN_TABLE = 254
+# The kinds of shim, named as the kernel and Docker's drivers name them. The kernel lets
+# only one kind of child on an interface, and an ipvlan interface's children share one
+# mode (the mode of the newest child becomes every child's).
+MACVLAN, IPVLAN = "macvlan", "ipvlan"
+SHIM_KINDS = (MACVLAN, IPVLAN)
+IPVLAN_MODES = ("l2", "l3", "l3s")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,17 @@ class Network:
     default_route_parent: bool = False
     # The LAN's DHCP server gives the containers their addresses, not the engine.
     dhcp: bool = False
+    # The ipvlan driver's ipvlan_mode and ipvlan_flag, defaults filled in ("l2",
+    # "bridge"); None for other drivers.
+    ipvlan_mode: Optional[str] = None
+    ipvlan_flag: Optional[str] = None
+
+    @property
+    def shim_kind(self):
+        """(link kind, mode) of the shim that reaches this network's containers."""
+        if self.driver == IPVLAN:
+            return IPVLAN, self.ipvlan_mode
+        return MACVLAN, "bridge"
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,7 @@ class Link:
     mac: Optional[str] = None
     macvlan_mode: Optional[str] = None
     arp_filter: Optional[bool] = None
+    ipvlan_mode: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -239,6 +257,18 @@ class ShimSpec:
     parent: str
     mac: Optional[str]
     addresses: FrozenSet[ipaddress._BaseAddress]  # ip_interface /32 and /128
+    kind: str = MACVLAN
+    mode: str = "bridge"
+
+    def fits(self, link):
+        return is_kind(link, (self.kind, self.mode))
+
+
+def is_kind(link, kind):
+    """Whether `link` is of `kind`, a (link kind, mode) pair; a mode the kernel did not
+    report counts as the one asked for."""
+    mode = link.macvlan_mode if link.kind == MACVLAN else link.ipvlan_mode
+    return link.kind == kind[0] and mode in (None, kind[1])
 
 
 @dataclass(frozen=True)
