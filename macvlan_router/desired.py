@@ -11,7 +11,8 @@ from collections import defaultdict
 
 from . import safety
 from .config import IFNAMSIZ
-from .model import LINK_ALIAS, Desired, ManagedNetwork, Problem, RouteSpec, ShimSpec
+from .model import IPVLAN, IPVLAN_MODES, LINK_ALIAS, MACVLAN, SHIM_KINDS, Desired, \
+    ManagedNetwork, Problem, RouteSpec, ShimSpec, is_kind
 
 COMPOSE_NETWORK_LABEL = "com.docker.compose.network"
 SHIM_PREFIX = "mvr-"
@@ -20,28 +21,30 @@ SHIM_PREFIX = "mvr-"
 def select_networks(selectors, networks):
     """Pick the managed networks from Docker's list; returns (networks, problems).
 
-    No selectors means every macvlan network. A name also matches the short
+    No selectors means every macvlan and ipvlan network. A name also matches the short
     name Compose records in a label, since Compose prefixes the project name.
     """
-    macvlan = [n for n in networks if n.driver == "macvlan"]
+    served = [n for n in networks if n.driver in SHIM_KINDS]
     if not selectors:
-        return macvlan, []
+        return served, []
     chosen, problems = {}, []
     for selector in selectors:
         matches = _matches(selector, networks)
-        wrong = [n for n in matches if n.driver != "macvlan"]
+        wrong = [n for n in matches if n.driver not in SHIM_KINDS]
         for network in wrong:
             problems.append(Problem(
                 f"MACVLAN_DOCKER_NETWORK={selector.text}: network {network.name} uses the "
-                f"{network.driver} driver, not macvlan; name a macvlan network", network.name))
+                f"{network.driver} driver, not macvlan or ipvlan; name a macvlan or ipvlan "
+                "network", network.name))
         for network in matches:
-            if network.driver == "macvlan":
+            if network.driver in SHIM_KINDS:
                 chosen.setdefault(network.id, network)
         if not matches and not selector.is_label:
-            known = ", ".join(sorted(n.name for n in macvlan)) or "none"
+            known = ", ".join(sorted(n.name for n in served)) or "none"
             problems.append(Problem(
                 f"MACVLAN_DOCKER_NETWORK={selector.text}: Docker has no network with that "
-                f"name or ID (macvlan networks now: {known}); create it or fix the setting"))
+                f"name or ID (macvlan and ipvlan networks now: {known}); create it or fix "
+                "the setting"))
     return list(chosen.values()), problems
 
 
@@ -169,8 +172,10 @@ def compute(config, networks, host, memo=None):
         if not parent_link.up:
             problems.append(Problem(f"parent interface {parent} is down; waiting for it",
                                     kind="waiting"))
+        kind, served = _shim_kind(parent, _reachable(members, problems), name, host, problems)
+        managed.extend(ManagedNetwork(n, None) for n in members if n not in served)
         shim_addresses = set()
-        for network in members:
+        for network in served:
             managed.append(ManagedNetwork(network, name))
             sources = {}
             for subnet in network.subnets:
@@ -186,9 +191,11 @@ def compute(config, networks, host, memo=None):
             fresh[network.id] = entry
             _merge(entry, routes, taken, problems)
         if shim_addresses:
-            shims[name] = ShimSpec(name=name, parent=parent,
-                                   mac=stable_mac(host.machine_id, parent),
-                                   addresses=frozenset(shim_addresses))
+            # ipvlan children all have the parent's MAC.
+            mac = stable_mac(host.machine_id, parent) if kind[0] == MACVLAN else None
+            shims[name] = ShimSpec(name=name, parent=parent, mac=mac,
+                                   addresses=frozenset(shim_addresses),
+                                   kind=kind[0], mode=kind[1])
 
     _outside_addresses(config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
     _outside_addresses(config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
@@ -252,6 +259,78 @@ def _with_parent(network, host, problems):
     return dataclasses.replace(network, parent=parent)
 
 
+def _reachable(members, problems):
+    """The networks a shim can reach the containers of: ipvlan ones in a mode the shim can
+    share, whose children may talk to each other (ipvlan_flag bridge)."""
+    reachable = []
+    for network in members:
+        if network.driver != IPVLAN:
+            reachable.append(network)
+        elif network.ipvlan_mode not in IPVLAN_MODES:
+            problems.append(Problem(
+                f"network {network.name} has ipvlan_mode={network.ipvlan_mode}, which "
+                f"macvlan-router does not know ({', '.join(IPVLAN_MODES)}); it is not served, "
+                "since a shim in another mode would switch its containers to that mode",
+                network.name, kind="warning"))
+        elif network.ipvlan_flag != "bridge":
+            problems.append(Problem(
+                f"network {network.name} has ipvlan_flag={network.ipvlan_flag}: its "
+                "containers cannot talk to the other ipvlan children of "
+                f"{network.parent} (private) or only through the LAN switch (vepa), so a "
+                "shim cannot reach them; it is not served. Recreate it without ipvlan_flag "
+                "(bridge) to reach its containers from this host",
+                network.name, kind="warning"))
+        else:
+            reachable.append(network)
+    return reachable
+
+
+def _shim_kind(parent, members, name, host, problems):
+    """(the (kind, mode) of the shim on `parent`, or None; the networks it serves).
+
+    The kernel holds one kind of child per interface (and one ipvlan mode), so networks
+    asking for several on one parent cannot all be served. The kind of the shim already
+    there wins, so that no route it serves goes; else the kind whose containers run (the
+    kernel has that kind on the parent now); else none: the parent gets no shim, since
+    one of either kind would keep the other kind's containers from starting. The
+    networks left out are reported with what to do.
+    """
+    kinds = {}
+    for network in members:
+        kinds.setdefault(network.shim_kind, []).append(network)
+    if len(kinds) < 2:
+        return next(iter(kinds), None), members
+    link = host.link(name) if name else None
+    present = next((k for k in kinds if link is not None and link.alias == LINK_ALIAS
+                    and host.link_name(link.parent_index) == parent and is_kind(link, k)),
+                   None)
+    running = [k for k, networks in kinds.items() if any(n.endpoints for n in networks)]
+    if present:
+        chosen, why = present, f"the kind of {name}, the shim it has now"
+    elif len(running) == 1:
+        chosen, why = running[0], "the kind whose containers run there"
+    else:
+        chosen, why = None, None
+    listing = "; ".join(f"{_kind_words(k)}: {', '.join(n.name for n in networks)}"
+                        for k, networks in sorted(kinds.items()))
+    left = [n.name for k, networks in sorted(kinds.items()) if k != chosen for n in networks]
+    verdict = (f"only the {_kind_words(chosen)} networks are served, {why}" if chosen else
+               f"none is served and {parent} gets no shim until containers of one kind run "
+               "there (a shim of either kind would keep the other kind's containers from "
+               "starting)")
+    problems.append(Problem(
+        f"parent interface {parent} has networks that need different kinds of shim "
+        f"({listing}); the kernel allows only one kind of child (macvlan, or ipvlan in one "
+        f"mode) on an interface, so {verdict}. Give each kind its own parent (docker "
+        "network create ... -o parent=<another interface or VLAN>), or serve one kind only: "
+        f"leave {', '.join(left)} out of MACVLAN_DOCKER_NETWORK", kind="warning"))
+    return chosen, kinds.get(chosen, [])
+
+
+def _kind_words(kind):
+    return kind[0] if kind[0] == MACVLAN else f"{kind[0]} {kind[1]}"
+
+
 def _host_ips(host):
     """Addresses the host holds on links that are not our shims (ours are derived)."""
     ours = {link.name for link in host.links if link.alias == LINK_ALIAS}
@@ -299,6 +378,9 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
     if subnet.version == 4:
         configured = [a for a in config.bridge_ips if a in subnet]
         reuse = [a.ip for a in host.addresses_of(parent) if a.ip in subnet]
+        if network.driver == IPVLAN and reuse and not configured:
+            problems.append(_no_reuse_on_ipvlan(network, subnet, parent, reuse[0]))
+            return None
         if configured or reuse:
             address = (configured or reuse)[0]
             return _checked(address, "MACVLAN_BRIDGE_IP" if configured else None, network,
@@ -323,6 +405,17 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
             f"network {network.name} ({subnet} on {parent}): the subnet has no room for a "
             "generated shim address; set MACVLAN_BRIDGE_IP6", network.name, kind="warning"))
     return generated
+
+
+def _no_reuse_on_ipvlan(network, subnet, parent, address):
+    # Measured in a VM: see README.md, "ipvlan networks".
+    return Problem(
+        f"network {network.name} ({subnet} on {parent}) is skipped: an ipvlan shim cannot "
+        f"reuse the host's address {address}, since ipvlan hands every packet to the child "
+        f"that holds its destination address: the host's own traffic to {address} would "
+        f"arrive on the shim instead of {parent}. Set MACVLAN_BRIDGE_IP to a free address "
+        f"of {subnet} for the shim (and keep Docker off it with --aux-address)",
+        network.name, kind="warning")
 
 
 def _checked(address, key, network, problems):
@@ -444,7 +537,9 @@ def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts):
             network.name, kind="warning")
     spec = RouteSpec(dst=ipaddress.ip_network(address), shim=shim, src=source,
                      network=network.name, container_id=endpoint.container_id,
-                     container_name=endpoint.container_name, mac=endpoint.mac)
+                     container_name=endpoint.container_name,
+                     # ipvlan children answer at the parent's MAC, whatever Docker records.
+                     mac=endpoint.mac if network.driver != IPVLAN else None)
     return _want_route(spec, facts, lambda reason: (
         f"{who} holds {address}, which is not routed: {reason}")) or (spec, who)
 
