@@ -18,7 +18,8 @@ from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_N
 
 from . import plan as actions
 from .errors import PermissionDenied
-from .model import LINK_ALIAS, MAIN_TABLE, ROUTE_PROTO, Address, Host, Link, Neighbour, Route
+from .model import IPVLAN, LINK_ALIAS, MACVLAN, MAIN_TABLE, ROUTE_PROTO, Address, Host, Link, \
+    Neighbour, Route
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ IFLA_AF_SPEC = 26
 IFLA_INET_CONF = 1
 IPV4_DEVCONF_ARPFILTER = 13
 MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
+IPVLAN_MODES = {0: "l2", 1: "l3", 2: "l3s"}
+IPVLAN_MODE_NUMBERS = {name: number for number, name in IPVLAN_MODES.items()}
 # Errors that mean "already as wanted" for the action that got them.
 ALREADY_DONE = {
     actions.LinkDel: (errno.ENODEV,),
@@ -175,6 +178,7 @@ class Netlink:
     def _link(msg):
         info = msg.get_attr("IFLA_LINKINFO")
         mode = _attr(info, "IFLA_INFO_DATA", "IFLA_MACVLAN_MODE")
+        ipvlan_mode = _attr(info, "IFLA_INFO_DATA", "IFLA_IPVLAN_MODE")
         inet = _attr(msg, "IFLA_AF_SPEC", "AF_INET")
         return Link(
             index=msg["index"],
@@ -185,6 +189,7 @@ class Netlink:
             up=bool(msg["flags"] & IFF_UP),
             mac=msg.get_attr("IFLA_ADDRESS"),
             macvlan_mode=MACVLAN_MODES.get(mode, mode),
+            ipvlan_mode=IPVLAN_MODES.get(ipvlan_mode, ipvlan_mode),
             arp_filter=None if inet is None else bool(inet["arpfilter"]))
 
     @staticmethod
@@ -226,7 +231,13 @@ class Netlink:
         failed = 0
         # Links deleted or created here: `host` has stale indexes for those names.
         self._relinked = set()
+        # Shims the kernel would not create: the changes on them are skipped, not logged
+        # as failures one by one (the creation's error says what to do).
+        uncreated = set()
         for action in plan_actions:
+            if _shim_of(action) in uncreated:
+                failed += 1
+                continue
             fields, reason = why(action)
             try:
                 self._expecting(action, host)
@@ -239,7 +250,10 @@ class Netlink:
                         "was refused); run as root or through the macvlan-router service"
                     ) from None
                 failed += 1
-                log.error("failed: %s: %s", action.command(), _reason(exc), extra=fields)
+                log.error("failed: %s: %s", action.command(), _reason(exc, action),
+                          extra=fields)
+                if isinstance(action, actions.LinkAdd):
+                    uncreated.add(action.name)
                 continue
             except OSError as exc:
                 if not isinstance(action, actions.RefuseRouterAdvertisements):
@@ -273,8 +287,14 @@ class Netlink:
     def _do(self, action, host):
         ipr = self.ipr
         if isinstance(action, actions.LinkAdd):
-            spec = dict(ifname=action.name, kind="macvlan", macvlan_mode="bridge",
+            spec = dict(ifname=action.name, kind=action.kind,
                         link=self.index(action.parent, host))
+            if action.kind == IPVLAN:
+                # Always named: without it the kernel makes an l3 child, and the newest
+                # child's mode becomes the mode of every ipvlan child of the parent.
+                spec["ipvlan_mode"] = IPVLAN_MODE_NUMBERS[action.mode]
+            else:
+                spec["macvlan_mode"] = action.mode
             if action.mac:
                 spec["address"] = action.mac
             ipr.link("add", **spec)
@@ -318,8 +338,29 @@ class Netlink:
             raise TypeError(f"unknown action {action!r}")
 
 
-def _reason(exc):
-    return exc.args[1] if len(exc.args) > 1 else str(exc)
+def _shim_of(action):
+    return action.spec.shim if isinstance(action, actions.RouteReplace) \
+        else getattr(action, "name", None)
+
+
+def _reason(exc, action=None):
+    """The kernel's words, and for a shim it would not create, what to do."""
+    text = exc.args[1] if len(exc.args) > 1 else str(exc)
+    if not isinstance(action, actions.LinkAdd):
+        return text
+    kind = action.kind
+    if exc.code == errno.EOPNOTSUPP:
+        return (f"{text}: this kernel cannot make {kind} links (its {kind} module is missing "
+                f"or cannot be loaded). Load it (modprobe {kind}; Debian's stock kernel has "
+                f"it), or leave the {kind} networks out of MACVLAN_DOCKER_NETWORK")
+    if exc.code == errno.EBUSY:
+        other = IPVLAN if kind == MACVLAN else MACVLAN
+        return (f"{text}: {action.parent} already has {other} children (containers of a "
+                f"network macvlan-router does not serve, or links made by hand), and the "
+                f"kernel allows only one kind of child on an interface. Serve the {other} "
+                f"networks of {action.parent} instead (MACVLAN_DOCKER_NETWORK), or move one "
+                "kind to another parent")
+    return text
 
 
 class Change(NamedTuple):

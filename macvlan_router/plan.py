@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional, Tuple
 
 from .desired import stable_mac
-from .model import LINK_ALIAS, ROUTE_PROTO, ROUTE_PROTO_NAME, Problem, Protection, Route
+from .model import LINK_ALIAS, MACVLAN, ROUTE_PROTO, ROUTE_PROTO_NAME, SHIM_KINDS, Problem, \
+    Protection, Route
 
 SCOPE_UNIVERSE = 0
 SCOPE_LINK = 253
@@ -21,11 +22,13 @@ class LinkAdd:
     name: str
     parent: str
     mac: Optional[str]
+    kind: str = MACVLAN
+    mode: str = "bridge"
 
     def command(self):
         mac = f" address {self.mac}" if self.mac else ""
-        return (f"ip link add {self.name} link {self.parent}{mac} type macvlan mode bridge"
-                f" && ip link set {self.name} alias {LINK_ALIAS}")
+        return (f"ip link add {self.name} link {self.parent}{mac} type {self.kind} mode "
+                f"{self.mode} && ip link set {self.name} alias {LINK_ALIAS}")
 
 
 @dataclass(frozen=True)
@@ -128,12 +131,12 @@ class Plan:
 
 
 def owned_shims(host):
-    """Our links: macvlans with our alias, or (created but not yet tagged when we
-    died) with no alias and the MAC we derive for their parent."""
+    """Our links: macvlans and ipvlans with our alias, or macvlans (created but not yet
+    tagged when we died) with no alias and the MAC we derive for their parent."""
     return {link.name: link for link in host.links
-            if link.kind == "macvlan" and (
+            if link.kind in SHIM_KINDS and (
                 link.alias == LINK_ALIAS
-                or (link.alias is None and link.mac is not None
+                or (link.alias is None and link.kind == MACVLAN and link.mac is not None
                     and link.mac == stable_mac(host.machine_id,
                                                host.link_name(link.parent_index))))}
 
@@ -148,17 +151,28 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
     problems = []
     ours = owned_shims(host)
     owned_routes = host.route_index.owned
-    drop, create, kept = [], [], set()
+    drop, create, kept, held = [], [], set(), set()
     for name, link in ours.items():
         spec = desired.shims.get(name)
-        if spec is None and _protected_link(name, host, owned_routes, protection):
+        wrong = spec is None or host.link_name(link.parent_index) != spec.parent \
+            or not spec.fits(link)
+        if wrong and _protected_link(name, host, owned_routes, protection):
+            # Replacing it (another kind or parent) would cost routes that must stay.
             kept.add(name)
-        elif spec is None or host.link_name(link.parent_index) != spec.parent \
-                or link.macvlan_mode not in (None, "bridge"):
+            if spec is not None:
+                held.add(name)
+        elif wrong:
             drop.append(name)
     usable = {}
     for name, spec in desired.shims.items():
         link = host.link(name)
+        if name in held:
+            problems.append(Problem(
+                f"{name} is to become a {spec.kind} {spec.mode} shim on {spec.parent}, but "
+                "the link there now still carries routes that must stay until Docker's "
+                "networks are read completely; replacing it waits until then",
+                kind="waiting"))
+            continue
         if link is not None and name not in ours:
             problems.append(Problem(
                 f"interface {name} exists but was not created by macvlan-router, so it is "
@@ -172,7 +186,8 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
 
     link_actions = []
     link_actions.extend(LinkDel(name) for name in sorted(drop))
-    link_actions.extend(LinkAdd(spec.name, spec.parent, spec.mac) for spec in create)
+    link_actions.extend(LinkAdd(spec.name, spec.parent, spec.mac, spec.kind, spec.mode)
+                        for spec in create)
 
     ready_sources = set()
     for name, spec in sorted(usable.items()):
