@@ -123,6 +123,9 @@ class Netlink:
         self.ipr = IPRoute()
         self.own = OwnChanges()
         self._relinked = set()
+        # Shim name -> why the kernel last refused to create it: the retries every few
+        # seconds say it again only at debug level, until it changes or succeeds.
+        self._refused = {}
         self.machine_id = read_machine_id() if machine_id is None else machine_id
 
     def close(self):
@@ -250,9 +253,13 @@ class Netlink:
                         "was refused); run as root or through the macvlan-router service"
                     ) from None
                 failed += 1
-                log.error("failed: %s: %s", action.command(), _reason(exc, action),
-                          extra=fields)
+                why_not = _reason(exc, action)
+                repeated = isinstance(action, actions.LinkAdd) \
+                    and self._refused.get(action.name) == why_not
+                log.log(logging.DEBUG if repeated else logging.ERROR, "failed: %s: %s",
+                        action.command(), why_not, extra=fields)
                 if isinstance(action, actions.LinkAdd):
+                    self._refused[action.name] = why_not
                     uncreated.add(action.name)
                 continue
             except OSError as exc:
@@ -269,6 +276,8 @@ class Netlink:
             finally:
                 if isinstance(action, (actions.LinkAdd, actions.LinkDel)):
                     self._relinked.add(action.name)
+            if isinstance(action, actions.LinkAdd):
+                self._refused.pop(action.name, None)
             log.info("%s%s", action.command(), reason, extra=fields)
         return failed
 
