@@ -168,9 +168,10 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
         link = host.link(name)
         if name in held:
             problems.append(Problem(
-                f"{name} is to become a {spec.kind} {spec.mode} shim on {spec.parent}, but "
-                "the link there now still carries routes that must stay until Docker's "
-                "networks are read completely; replacing it waits until then",
+                f"{name} should be a {spec.kind} {spec.mode} shim on {spec.parent}; the "
+                "link of that name now (of another kind, mode or parent) carries routes that "
+                "must stay until Docker's networks are read completely, so it is replaced "
+                "only then",
                 kind="waiting"))
             continue
         if link is not None and name not in ours:

@@ -215,7 +215,7 @@ def test_a_shim_of_the_wrong_kind_holding_protected_routes_stays_as_it_is():
     protection = Protection((net("198.51.100.0/24"),), "network mac not read completely")
     result = plan.compute(want, h, protection)
     assert result.actions == ()
-    assert any("replacing it waits" in p.message and p.kind == "waiting"
+    assert any("it is replaced only then" in p.message and p.kind == "waiting"
                for p in result.problems)
     assert result.kept >= 1
 
