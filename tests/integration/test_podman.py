@@ -203,8 +203,8 @@ def test_podman_service_away_keeps_routes_and_comes_back(lab, podman):
     d = lab.daemon(QUIET)
     wait_until(lambda: lab.route_via(C4, SHIM0), desc="route")
     podman.stop()
-    d.wait_notify(lambda m: m.startswith("STATUS=waiting for Docker"),
-                  desc="STATUS=waiting for Docker")
+    d.wait_notify(lambda m: m.startswith("STATUS=waiting for Podman at "),
+                  desc="STATUS=waiting for Podman at ...")
     holds_for(lambda: lab.route_via(C4, SHIM0), duration=1.5, desc="route while Podman is away")
     podman.container("c2", "lan", ip=C4B)   # the CLI needs no service
     podman.start()
