@@ -91,7 +91,9 @@ RELEASES = (
     # Debian 13: debootstrap --include takes no recommendations, and docker.io only
     # recommends its client here; systemd-modules-load.service fails in a container (the
     # box would boot "degraded").
-    Release("trixie", extra_packages=("docker-cli",),
+    # Podman 5 with netavark (and its DHCP proxy) for the package's Podman test.
+    Release("trixie", extra_packages=("docker-cli", "podman", "netavark", "aardvark-dns",
+                                      "crun"),
             extra_masked=("systemd-modules-load.service",)),
 )
 
@@ -390,6 +392,8 @@ BOX_RUN_FLAGS = (
     "--security-opt", "seccomp=unconfined", "--security-opt", "systempaths=unconfined",
     "--tmpfs", "/run", "--tmpfs", "/run/lock",
     "--tmpfs", "/var/lib/docker:rw,exec,size=2g",
+    # Podman's storage: overlay cannot stack on the box's own overlay root.
+    "--tmpfs", "/var/lib/containers:rw,exec,size=1g",
     "-v", "/sys/fs/cgroup:/sys/fs/cgroup", "-e", "container=docker",
     "--stop-signal", "SIGRTMIN+3",
 )
