@@ -432,9 +432,10 @@ class DockerSource:
                 continue  # gone since: its own event re-reads the network
             bad = _Complaints(f"container {endpoint.container_name} ({endpoint.short_id}) on "
                               f"network {network.name}", network.name, problems, self.engine)
-            for field, text in podman.secondary_addresses(record, network.name):
+            for field, text in (podman.primary_addresses(record, network.name)
+                                + podman.secondary_addresses(record, network.name)):
                 address = _address(text, field, bad)
-                if address is not None:
+                if address is not None and address not in (endpoint.ipv4, endpoint.ipv6):
                     extra.append(Endpoint(
                         endpoint.container_id, endpoint.container_name, mac=endpoint.mac,
                         **{"ipv4" if address.version == 4 else "ipv6": address}))
