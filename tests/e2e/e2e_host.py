@@ -86,14 +86,15 @@ class Release:
         return f"mvr-e2e-{self.suite}:{self.key()}"
 
 
+# Podman with netavark, for the package's Podman test (test_podman_package.py).
+PODMAN_PACKAGES = ("podman", "netavark", "aardvark-dns", "crun")
+
 RELEASES = (
-    Release("bookworm"),        # Debian 12
+    Release("bookworm", extra_packages=PODMAN_PACKAGES),        # Debian 12
     # Debian 13: debootstrap --include takes no recommendations, and docker.io only
     # recommends its client here; systemd-modules-load.service fails in a container (the
     # box would boot "degraded").
-    # Podman 5 with netavark (and its DHCP proxy) for the package's Podman test.
-    Release("trixie", extra_packages=("docker-cli", "podman", "netavark", "aardvark-dns",
-                                      "crun"),
+    Release("trixie", extra_packages=("docker-cli",) + PODMAN_PACKAGES,
             extra_masked=("systemd-modules-load.service",)),
 )
 

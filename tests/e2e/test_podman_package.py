@@ -33,6 +33,7 @@ LAN = pkg.LAN
 NETWORK = "plan"
 PEER_NS = "lanpeer"
 PEER4, PEER6 = "198.51.100.3", "2001:db8:100::3"
+LATENCY_RUNS = 10
 # GET /_ping over the socket as a given user and groups; prints the answer's first line.
 PING = ("import socket; s = socket.socket(socket.AF_UNIX); s.connect('" + SOCK + "'); "
         "s.sendall(b'GET /_ping HTTP/1.0\\r\\n\\r\\n'); "
@@ -214,6 +215,56 @@ def test_a_container_started_later_gets_its_route_and_loses_it_on_rm(box):
     wait_routes(box, (ip4,), present=False)
 
 
+def _instant(text):
+    """Seconds since the epoch of `ip -ts`'s "2026-11-28T08:28:28.123456" or Podman's
+    "2026-11-28 08:28:28.123456789 +0000 UTC" (the box's clock is UTC)."""
+    import calendar
+    m = re.search(r"(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d:\d\d)(?:\.(\d+))?", text)
+    assert m, text
+    whole = calendar.timegm(time.strptime(f"{m[1]} {m[2]}", "%Y-%m-%d %H:%M:%S"))
+    return whole + float(f"0.{m[3] or 0}")
+
+
+def test_latency_from_podman_start_and_stop_to_the_route(box):
+    """Figures, not a target: from the container's StartedAt (FinishedAt) in Podman's own
+    record to the route's netlink notification, as `ip -ts monitor` in the box sees it,
+    over LATENCY_RUNS containers one at a time, with journald as Podman's events backend."""
+    ensure_podman_lan(box)
+    box.sh("rm -f /root/routes.mon && setsid timeout 600 ip -ts -o monitor route "
+           "> /root/routes.mon 2>&1 < /dev/null & echo $! > /root/routes.pid")
+    time.sleep(0.5)
+    marks = []
+    for n in range(LATENCY_RUNS):
+        name = f"l{n}"
+        ip4, _ = run_container(box, name)
+        wait_routes(box, (ip4,))
+        box.sh(f"podman stop -t 5 {name}", timeout=60)
+        wait_routes(box, (ip4,), present=False)
+        times = box.sh("podman inspect -f '{{.State.StartedAt}}|{{.State.FinishedAt}}' "
+                       f"{name}").stdout.strip().split("|")
+        marks.append((ip4, _instant(times[0]), _instant(times[1])))
+        box.sh(f"podman rm -f -t 0 {name}", timeout=60)
+    box.sh("kill $(cat /root/routes.pid)", check=False)
+    monitor = box.sh("cat /root/routes.mon").stdout.splitlines()
+
+    # In order: an address freed by one run may be handed out again in the next.
+    events = iter(line for line in monitor if re.search(rf" dev {pkg.SHIM}\b", line))
+
+    def seen(ip4, deleted):
+        prefix = f"Deleted {ip4} " if deleted else f"{ip4} "
+        return next(_instant(line) for line in events
+                    if line.split("] ", 1)[-1].startswith(prefix))
+
+    up, down = [], []
+    for ip4, started, finished in marks:
+        up.append(1000 * (seen(ip4, False) - started))
+        down.append(1000 * (seen(ip4, True) - finished))
+    for what, ms in (("Podman start -> route present", sorted(up)),
+                     ("Podman stop -> route gone", sorted(down))):
+        pkg.say(f"{what} over {len(ms)}: p50 {ms[len(ms) // 2]:.1f} ms, "
+                f"max {ms[-1]:.1f} ms")
+
+
 def test_restart_keeps_routes(box):
     ip4, _ = ensure_podman_lan(box)
     routes = pkg.owned_routes(box)
@@ -246,6 +297,9 @@ option lease 600
 def test_dhcp_addressed_container_gets_its_route(box):
     # Podman 5 with netavark's DHCP proxy: a macvlan network without a subnet takes its
     # containers' addresses from the LAN's DHCP server (busybox udhcpd on the peer).
+    if "dhcp-proxy" not in box.sh("/usr/lib/podman/netavark --help").stdout:
+        pytest.skip(f"{box.release.suite}'s netavark has no dhcp-proxy command, so no "
+                    "DHCP for macvlan networks")
     ensure_podman_lan(box)
     box.write("/root/udhcpd.conf", UDHCPD_CONF)
     box.sh(f"touch /root/udhcpd.leases && setsid timeout 600 ip netns exec {PEER_NS} "
