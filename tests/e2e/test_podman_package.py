@@ -11,6 +11,8 @@ reachable both ways, kept across a restart of the service, removed when it stops
 Only documentation addresses, only inside the box.
 """
 
+import calendar
+import json
 import re
 import sys
 import time
@@ -218,7 +220,6 @@ def test_a_container_started_later_gets_its_route_and_loses_it_on_rm(box):
 def _instant(text):
     """Seconds since the epoch of `ip -ts`'s "[2026-11-28T08:28:28.123456]" (the box's
     clock is UTC)."""
-    import calendar
     m = re.search(r"(\d{4}-\d\d-\d\d)[T ](\d\d:\d\d:\d\d)(?:\.(\d+))?", text)
     assert m, text
     whole = calendar.timegm(time.strptime(f"{m[1]} {m[2]}", "%Y-%m-%d %H:%M:%S"))
@@ -260,7 +261,6 @@ def test_latency_from_podman_events_to_the_route(box):
     time.sleep(1)
     box.sh("kill $(cat /root/routes.pid) $(cat /root/events.pid)", check=False)
     monitor = box.sh("cat /root/routes.mon").stdout.splitlines()
-    import json
     events = {}
     for line in box.sh("cat /root/events.log").stdout.splitlines():
         if line.startswith("["):
