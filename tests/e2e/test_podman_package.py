@@ -7,8 +7,9 @@ test_deb_package.py's is, with docker.io installed but not followed. In file ord
 test starting from the state the one before it leaves: podman.socket already listening
 when the package is installed (postinst gives it the drop-in's group), the one line set
 in /etc/default/macvlan-router, a macvlan network on the box's LAN, routes added live and
-reachable both ways, kept across a restart of the service, removed when it stops.
-Only documentation addresses, only inside the box.
+reachable both ways, latency figures, kept across a restart of the service, removed
+when it stops, and (where netavark has its DHCP proxy) a container addressed by a DHCP
+server on the LAN peer. Only documentation addresses, only inside the box.
 """
 
 import calendar
