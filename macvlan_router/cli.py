@@ -53,7 +53,8 @@ def _gather(config):
     view = reconciler.view
     outcome = reconciler.compute(host) if view.listed else None
     if error is None and view.listed and not view.complete:
-        error = f"{view.listing.unreadable} network record(s) from Docker could not be read"
+        error = (f"{view.listing.unreadable} network record(s) from {reconciler.docker.engine} "
+                 "could not be read")
     return reconciler, url, host, outcome, str(error) if error else None
 
 
@@ -63,7 +64,8 @@ def cmd_check(args, config):
     if outcome is None:
         print(f"error: {docker_error}")
         return EX_UNAVAILABLE
-    print(f"Docker at {url}: reachable")
+    engine = reconciler.docker.engine
+    print(f"{engine} at {url}: reachable")
     desired = outcome.desired
     if not desired.networks:
         print("no macvlan network to manage"
@@ -79,11 +81,11 @@ def cmd_check(args, config):
     for problem in outcome.problems:
         print(f"{problem.kind}: {problem.message}")
     if docker_error:
-        # Judging the configuration on a partial answer could blame it for Docker's fault.
-        print(f"error: Docker's answer is incomplete, so the check is too: {docker_error}")
+        # Judging the configuration on a partial answer could blame it for the engine's fault.
+        print(f"error: {engine}'s answer is incomplete, so the check is too: {docker_error}")
         return EX_UNAVAILABLE
     if outcome.errors:
-        print(f"{len(outcome.errors)} problem(s) to fix in {args.config}, Docker or the host")
+        print(f"{len(outcome.errors)} problem(s) to fix in {args.config}, {engine} or the host")
         return EX_CONFIG
     print("all good")
     return EX_OK

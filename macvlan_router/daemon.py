@@ -83,12 +83,18 @@ class Daemon:
     def config(self):
         return self.reconciler.config
 
+    @property
+    def engine(self):
+        """"Docker" or "Podman", for messages: who answers at DOCKER_HOST (a source that
+        cannot tell is taken for Docker)."""
+        return getattr(self.reconciler.docker, "engine", "Docker")
+
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.triggers.put((STOP, None)))
         signal.signal(signal.SIGHUP, lambda *_: self.triggers.put((RELOAD, None)))
-        log.info("macvlan-router starting: Docker at %s, configuration %s",
-                 self.docker_url, self.config_path)
+        log.info("macvlan-router starting: %s at %s, configuration %s",
+                 self.engine, self.docker_url, self.config_path)
         self.watchdog.renew(STEP_BUDGET)
         self.watchdog.start()
         self.watcher.start()
@@ -155,7 +161,7 @@ class Daemon:
 
     def _stream_up(self):
         if self.stream not in (None, "up"):
-            log.info("connected to Docker at %s again", self.docker_url)
+            log.info("connected to %s at %s again", self.engine, self.docker_url)
         self.stream = "up"
 
     def _stream_lost(self, message):
@@ -176,7 +182,7 @@ class Daemon:
         self.owed = owed
         if error is None:
             if self.docker_retry.failures:
-                log.info("reading from Docker works again")
+                log.info("reading from %s works again", self.engine)
             self.last_docker_error = None
             self.docker_retry.succeeded()
         else:
@@ -185,9 +191,9 @@ class Daemon:
             # flood the journal every few seconds.
             level = logging.WARNING if str(error) != self.last_docker_error else logging.DEBUG
             self.last_docker_error = str(error)
-            log.log(level, "reading networks from Docker failed (%s); routes stay as they "
-                    "are, retrying every few seconds", error)
-        log.debug("Docker reads took %.1f ms", (self.clock() - started) * 1000)
+            log.log(level, "reading networks from %s failed (%s); routes stay as they "
+                    "are, retrying every few seconds", self.engine, error)
+        log.debug("%s reads took %.1f ms", self.engine, (self.clock() - started) * 1000)
         return True
 
     # the host ---------------------------------------------------------------------------
@@ -205,9 +211,10 @@ class Daemon:
             if not view.complete:
                 # A record Docker keeps sending garbled could be any network: serve the
                 # rest (deleting nothing, see View.protection), but judge nothing on it.
-                log.warning("Docker's network list has %d record(s) that cannot be read; "
+                log.warning("%s's network list has %d record(s) that cannot be read; "
                             "serving the rest, removing nothing, and not judging the "
-                            "configuration until they can be read", view.listing.unreadable)
+                            "configuration until they can be read", self.engine,
+                            view.listing.unreadable)
             self.phase = SERVING
         elif not changed:
             return None
@@ -262,11 +269,11 @@ class Daemon:
     def _waiting(self):
         """Why Docker's view cannot be trusted now, or None."""
         if self.stream not in (None, "up"):
-            return f"waiting for Docker at {self.docker_url}"
+            return f"waiting for {self.engine} at {self.docker_url}"
         if self.docker_retry.failures:
             stale = ", ".join(sorted(self.reconciler.view.stale())) or "the network list"
-            return (f"Docker at {self.docker_url} answers badly; waiting for a complete read "
-                    f"of {stale} (routes stay as they are)")
+            return (f"{self.engine} at {self.docker_url} answers badly; waiting for a "
+                    f"complete read of {stale} (routes stay as they are)")
         return None
 
     def _status_text(self):

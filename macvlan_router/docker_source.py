@@ -62,15 +62,24 @@ def _client(url):
         raise DockerUnavailable(describe_unreachable(url, exc)) from None
 
 
+def engine_named_by(url):
+    """The engine a DOCKER_HOST names, for messages before it has answered: Podman's
+    socket path says Podman."""
+    return "Podman" if "podman" in url else "Docker"
+
+
 def describe_unreachable(url, exc):
     text = str(exc)
+    engine = engine_named_by(url)
     if isinstance(exc, docker.errors.APIError) or isinstance(exc, ValueError):
-        return f"Docker at {url} answered badly ({_brief(text, 200)}); retrying"
-    podman_socket = "podman" in url
+        return f"{engine} at {url} answered badly ({_brief(text, 200)}); retrying"
+    podman_socket = engine == "Podman"
     if "Permission denied" in text or "PermissionError" in text:
-        hint = ("the user running macvlan-router needs access to Podman's socket, which is "
-                "root's alone by default: give it to the group docker (SocketGroup=docker "
-                "in a drop-in for podman.socket, then systemctl restart podman.socket)"
+        hint = ("the user running macvlan-router needs access to Podman's socket: the "
+                "package's drop-in for podman.socket gives it to the group macvlan-router "
+                "(SocketGroup=macvlan-router); if a drop-in of yours overrides it, or the "
+                "socket was made before, run systemctl daemon-reload && systemctl restart "
+                "podman.socket"
                 if podman_socket else
                 "the user running macvlan-router needs to be in the docker group")
     elif "No such file" in text or "FileNotFoundError" in text or "Connection refused" in text:
@@ -78,7 +87,7 @@ def describe_unreachable(url, exc):
                 if podman_socket else "is the Docker engine running? (systemctl status docker)")
     else:
         hint = "check DOCKER_HOST and that the engine is running"
-    return f"cannot reach Docker at {url}: {hint}"
+    return f"cannot reach {engine} at {url}: {hint}"
 
 
 def to_network(raw, by_name, engine="Docker", known=None):
@@ -297,12 +306,17 @@ class DockerSource:
         self.before_call = before_call
         self._api = None
         self._libpod = None  # "/vX.Y.Z/libpod" while connected to Podman; None: Docker
+        self._answered = False  # has the engine answered /version yet?
         self._raw = {}  # network name -> list entry, for --config-from lookups
         self._known = {}  # network id -> _endpoints' translations of its last inspect
         self._records = {}  # Podman: network id -> libpod record, from the last list
 
     @property
     def engine(self):
+        """Who answers at the URL, as its last /version said; before any answer, the
+        engine the URL names."""
+        if not self._answered:
+            return engine_named_by(self.url)
         return "Podman" if self._libpod else "Docker"
 
     @property
@@ -317,6 +331,7 @@ class DockerSource:
             api = _client(self.url)
             try:
                 self._libpod = _libpod_prefix(api)
+                self._answered = True
             except BaseException:
                 api.close()
                 raise
@@ -436,9 +451,10 @@ class DockerSource:
                 continue  # gone since: its own event re-reads the network
             bad = _Complaints(f"container {endpoint.container_name} ({endpoint.short_id}) on "
                               f"network {network.name}", network.name, problems, self.engine)
-            for field, text in podman.secondary_addresses(record, network.name):
+            for field, text in (podman.primary_addresses(record, network.name)
+                                + podman.secondary_addresses(record, network.name)):
                 address = _address(text, field, bad)
-                if address is not None:
+                if address is not None and address not in (endpoint.ipv4, endpoint.ipv6):
                     extra.append(Endpoint(
                         endpoint.container_id, endpoint.container_name, mac=endpoint.mac,
                         **{"ipv4" if address.version == 4 else "ipv6": address}))
@@ -499,6 +515,7 @@ class EventWatcher:
             try:
                 api = _client(self.url)
                 on_podman = _libpod_prefix(api) is not None
+                engine = "Podman" if on_podman else "Docker"
                 stream = api.events(decode=True, filters=PODMAN_EVENT_FILTERS if on_podman
                                     else EVENT_FILTERS)
                 with self._lock:
@@ -507,16 +524,16 @@ class EventWatcher:
                 delay = 0.2
                 for event in stream:
                     scope = classify(event, on_podman)
-                    log.debug("Docker event %.200r: refresh %s", event, scope)
+                    log.debug("%s event %.200r: refresh %s", engine, event, scope)
                     if scope is not None:
                         self.on_event(scope)
-                message = f"lost the event stream from Docker at {self.url}"
+                message = f"lost the event stream from {engine} at {self.url}"
             except DockerUnavailable as exc:
                 message = str(exc)
             except UNREACHABLE as exc:
                 message = describe_unreachable(self.url, exc)
             except Exception as exc:  # noqa: BLE001 - the watcher must survive anything
-                message = f"Docker event stream failed: {exc}"
+                message = f"{engine_named_by(self.url)} event stream failed: {exc}"
             if self._stopping.is_set():
                 return
             self.on_lost(message)

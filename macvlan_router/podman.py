@@ -11,8 +11,9 @@ and in Podman's source):
   when a container starts;
 - a network whose IPAM driver is "dhcp" lists no subnet: the prefix lengths of its
   containers' addresses (CIDR in `Containers`) are all there is to know of it;
-- `Containers` gives a container's first address per family only: the others are in the
-  libpod container record (`SecondaryIPAddresses`).
+- `Containers` gives one address per family only (the first on Podman 4, the last on
+  Podman 5): all of them are in the libpod container record (`IPAddress`,
+  `SecondaryIPAddresses`).
 
 `docker_shaped()` turns a libpod record into what Docker's `network inspect` would have
 answered, so that docker_source.to_network translates and checks both engines' records
@@ -27,6 +28,7 @@ ENGINE = "Podman Engine"
 # (/v1.41/libpod/... is refused), and docker-py builds only Docker-versioned URLs.
 OLDEST_LIBPOD_API = "4.0.0"
 IPAM_DHCP = "dhcp"  # the IPAM driver of a network whose addresses the LAN's DHCP gives
+PRIMARY = (("IPv4Address", "IPAddress"), ("IPv6Address", "GlobalIPv6Address"))
 SECONDARY = (("IPv4Address", "SecondaryIPAddresses"), ("IPv6Address", "SecondaryIPv6Addresses"))
 
 
@@ -72,14 +74,19 @@ def default_route_parent(record):
     return isinstance(record, dict) and not record.get("network_interface")
 
 
+def primary_addresses(container, network):
+    """[(field, text)] of the first address per family that `container` (a libpod
+    container record) holds on `network` (its name). Podman 5's compat `Containers` may
+    show another of them (the last): the record's own first one is then not there."""
+    entry = _network_entry(container, network)
+    return [(field, entry[key]) for field, key in PRIMARY
+            if isinstance(entry.get(key), str) and entry[key]]
+
+
 def secondary_addresses(container, network):
     """[(field, text)] of the addresses beyond the first per family that `container` (a
     libpod container record) holds on `network` (its name)."""
-    settings = container.get("NetworkSettings") if isinstance(container, dict) else None
-    networks = settings.get("Networks") if isinstance(settings, dict) else None
-    entry = networks.get(network) if isinstance(networks, dict) else None
-    if not isinstance(entry, dict):
-        return []
+    entry = _network_entry(container, network)
     found = []
     for field, key in SECONDARY:
         items = entry.get(key)
@@ -87,6 +94,13 @@ def secondary_addresses(container, network):
             text = item.get("Addr") if isinstance(item, dict) else item
             found.append((field, text))
     return found
+
+
+def _network_entry(container, network):
+    settings = container.get("NetworkSettings") if isinstance(container, dict) else None
+    networks = settings.get("Networks") if isinstance(settings, dict) else None
+    entry = networks.get(network) if isinstance(networks, dict) else None
+    return entry if isinstance(entry, dict) else {}
 
 
 def several_per_family(subnets):

@@ -219,7 +219,9 @@ class Podman(lablib.Engine):
             args += ["--ip", ip]
         if ip6:
             args += ["--ip6", ip6]
-        for cap in cap_add:
+        # busybox ping opens a raw socket, and Podman 5 no longer grants NET_RAW by
+        # default: without it every ping from a container fails, whatever the routes.
+        for cap in ("NET_RAW", *cap_add):
             args += ["--cap-add", cap]
         self.cli(*args, lablib.IMAGE, *(cmd or COMMAND))
         return name

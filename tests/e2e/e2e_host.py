@@ -86,12 +86,15 @@ class Release:
         return f"mvr-e2e-{self.suite}:{self.key()}"
 
 
+# Podman with netavark, for the package's Podman test (test_podman_package.py).
+PODMAN_PACKAGES = ("podman", "netavark", "aardvark-dns", "crun")
+
 RELEASES = (
-    Release("bookworm"),        # Debian 12
+    Release("bookworm", extra_packages=PODMAN_PACKAGES),        # Debian 12
     # Debian 13: debootstrap --include takes no recommendations, and docker.io only
     # recommends its client here; systemd-modules-load.service fails in a container (the
     # box would boot "degraded").
-    Release("trixie", extra_packages=("docker-cli",),
+    Release("trixie", extra_packages=("docker-cli",) + PODMAN_PACKAGES,
             extra_masked=("systemd-modules-load.service",)),
 )
 
@@ -390,6 +393,8 @@ BOX_RUN_FLAGS = (
     "--security-opt", "seccomp=unconfined", "--security-opt", "systempaths=unconfined",
     "--tmpfs", "/run", "--tmpfs", "/run/lock",
     "--tmpfs", "/var/lib/docker:rw,exec,size=2g",
+    # Podman's storage: overlay cannot stack on the box's own overlay root.
+    "--tmpfs", "/var/lib/containers:rw,exec,size=1g",
     "-v", "/sys/fs/cgroup:/sys/fs/cgroup", "-e", "container=docker",
     "--stop-signal", "SIGRTMIN+3",
 )

@@ -101,6 +101,7 @@ def test_lintian_is_clean(built):
 
 def test_package_contents(unpacked):
     for path in ("etc/default/macvlan-router", "lib/systemd/system/macvlan-router.service",
+                 "lib/systemd/system/podman.socket.d/macvlan-router.conf",
                  "etc/iproute2/rt_protos.d/macvlan-router.conf",
                  "usr/lib/NetworkManager/conf.d/macvlan-router.conf",
                  "usr/lib/sysusers.d/macvlan-router.conf",

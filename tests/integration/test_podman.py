@@ -203,8 +203,8 @@ def test_podman_service_away_keeps_routes_and_comes_back(lab, podman):
     d = lab.daemon(QUIET)
     wait_until(lambda: lab.route_via(C4, SHIM0), desc="route")
     podman.stop()
-    d.wait_notify(lambda m: m.startswith("STATUS=waiting for Docker"),
-                  desc="STATUS=waiting for Docker")
+    d.wait_notify(lambda m: m.startswith("STATUS=waiting for Podman at "),
+                  desc="STATUS=waiting for Podman at ...")
     holds_for(lambda: lab.route_via(C4, SHIM0), duration=1.5, desc="route while Podman is away")
     podman.container("c2", "lan", ip=C4B)   # the CLI needs no service
     podman.start()
@@ -239,6 +239,11 @@ def test_dhcp_network_takes_the_address_from_the_container(lab, podman):
     the container's address in its network status. The daemon must route that address.
     (Podman then never frees the address in its own database: the network has a name no
     other test uses.)"""
+    if int(podman.client.version()["Version"].split(".")[0]) >= 5:
+        # Its stop then fails: "netavark: socket /run/podman/nv-proxy.sock: No such file".
+        pytest.skip("Podman 5 tears a DHCP network's container down through netavark's "
+                    "DHCP proxy, which the lab does not run: tests/e2e/test_podman_package.py "
+                    "tests a real DHCP network on Debian 13")
     podman.network("dhcpnet")
     podman.container("c1", "dhcpnet", ip=C4)
 
