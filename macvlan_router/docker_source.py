@@ -393,10 +393,6 @@ class DockerSource:
             problems.extend(complaints)
             if network is None:
                 unreadable += 1
-            elif podman_list and network.driver == IPVLAN:
-                # Podman's records, as podman.py shapes them, do not carry the ipvlan mode
-                # yet, and a shim in a guessed mode would switch the containers' mode.
-                problems.append(_unserved(network))
             else:
                 networks.append(network)
         return Listing(tuple(networks), tuple(problems), unreadable)
@@ -464,14 +460,6 @@ class DockerSource:
 def _libpod_prefix(api):
     """Which engine answers: the libpod path prefix for Podman, None for Docker."""
     return podman.libpod_prefix(api.version())
-
-
-def _unserved(network):
-    # Not tied to the network (Problem.network): that would protect its subnets as if
-    # its read had failed.
-    return Problem(f"network {network.name} uses the ipvlan driver, which macvlan-router does "
-                   "not serve yet: this host cannot reach its containers (use a macvlan "
-                   "network to have them routed)", kind="warning")
 
 
 class EventWatcher:

@@ -58,8 +58,14 @@ def docker_shaped(record, containers=None):
     ipam = record.get("ipam_options")
     if isinstance(ipam, dict) and ipam.get("driver") == IPAM_DHCP and isinstance(config, list):
         config.extend({"Subnet": prefix} for prefix in _lease_subnets(containers))
+    options = {"parent": parent} if parent else {}
+    libpod_options = record.get("options")
+    # netavark's ipvlan `mode` (l2 when absent, as in Docker) under Docker's key.
+    if (record.get("driver") == "ipvlan" and isinstance(libpod_options, dict)
+            and libpod_options.get("mode")):
+        options["ipvlan_mode"] = libpod_options["mode"]
     shaped = {"Id": record.get("id"), "Name": record.get("name"), "Driver": record.get("driver"),
-              "Options": {"parent": parent} if parent else {},
+              "Options": options,
               "IPAM": {"Driver": ipam.get("driver") if isinstance(ipam, dict) else None,
                        "Config": config},
               "Labels": record.get("labels")}

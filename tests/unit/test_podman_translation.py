@@ -218,3 +218,18 @@ def test_a_docker_network_without_parent_stays_unserved():
     lan = network(parent=None, endpoints=[endpoint("web", "198.51.100.130")])
     result = desired.compute(Config(), [lan], host(routes=(default_route("eth0"),)))
     assert not result.shims and not result.routes
+
+
+@pytest.mark.parametrize("options, mode", [
+    ({"mode": "l3"}, "l3"), ({"mode": "l3s"}, "l3s"), ({}, "l2"), (None, "l2")])
+def test_an_ipvlan_network_keeps_the_mode_netavark_was_given(options, mode):
+    """A shim in another mode would switch the containers' mode: the record's own mode is
+    used, and l2 (netavark's and Docker's default) only when it names none."""
+    record = dict(LIBPOD, driver="ipvlan", options=options)
+    network, problems = translated(record)
+    assert (network.driver, network.ipvlan_mode) == ("ipvlan", mode), problems
+
+
+def test_a_macvlan_networks_mode_option_is_not_taken_for_an_ipvlan_mode():
+    network, _ = translated(dict(LIBPOD, options={"mode": "bridge"}))
+    assert network.ipvlan_mode is None
