@@ -43,6 +43,8 @@ connects = st.tuples(st.just("connect"), st.sampled_from(sorted(NETWORKS)),
 disconnects = st.tuples(st.just("disconnect"), st.sampled_from(sorted(NETWORKS)),
                         st.sampled_from(NAMES))
 removals = st.tuples(st.just("remove"), st.sampled_from(sorted(NETWORKS)))
+# A network read again without a change: a new object with the same endpoint objects.
+rereads = st.tuples(st.just("reread"), st.sampled_from(sorted(NETWORKS)))
 host_changes = st.tuples(st.just("host address"), st.sampled_from(POOL))
 default_routes = st.tuples(st.just("default route"),
                            st.sampled_from((None, "eth0", "eth1", "eth2")))
@@ -50,8 +52,8 @@ default_routes = st.tuples(st.just("default route"),
 neighbours = st.tuples(st.just("neighbour"), st.sampled_from(SHIMS),
                        st.sampled_from(("198.51.100.130", "198.51.100.131", "203.0.113.130")),
                        st.sampled_from(MACS[1:]))
-events = st.lists(st.one_of(connects, disconnects, removals, host_changes, default_routes,
-                            neighbours), max_size=25)
+events = st.lists(st.one_of(connects, disconnects, removals, rereads, host_changes,
+                            default_routes, neighbours), max_size=25)
 
 
 def build(state):
@@ -62,7 +64,8 @@ def build(state):
 
 def step(state, objects, h, event):
     """Apply one event to the state; networks it did not touch keep their objects, as
-    view.View keeps them."""
+    view.View keeps them, and a network read again keeps the objects of the endpoints
+    that did not change, as docker_source keeps them."""
     kind = event[0]
     if kind == "host address":
         extra = Address("eth2", iface(f"{event[1]}/32"))
@@ -85,11 +88,14 @@ def step(state, objects, h, event):
         state.setdefault(name, {})[event[2]] = (event[3], event[4], event[5])
     elif kind == "disconnect":
         state.get(name, {}).pop(event[2], None)
-    else:
+    elif kind == "remove":
         state.pop(name, None)
     objects = {n: objects.get(n) for n in state}
     if name in state:
-        objects[name] = build({name: state[name]})[0]
+        fresh = build({name: state[name]})[0]
+        before = {e: e for e in objects[name].endpoints} if objects[name] else {}
+        objects[name] = dataclasses.replace(fresh, endpoints=tuple(
+            before.get(e, e) for e in fresh.endpoints))
     return objects, h
 
 
