@@ -169,7 +169,7 @@ class Host:
         removed = tuple(gone) + tuple(replaced)
         if not any(r.dst in index.shared for r in removed):
             # Set where cached_property keeps it; otherwise built from `routes` on use.
-            host.__dict__["route_index"] = index.without(removed).adding(new)
+            host.__dict__["route_index"] = index.replacing(removed, new)
         return host
 
     def with_neighbours(self, neighbours):
@@ -218,18 +218,14 @@ class RouteIndex:
                    default_gateways=frozenset(g for r in routes if r.dst.prefixlen == 0
                                               for g in r.gateways))
 
-    def without(self, routes):
+    def replacing(self, gone, new):
+        """Without our routes `gone` and with our routes `new` (never a default route:
+        the safety policy refuses anything that wide)."""
         owned = dict(self.owned)
-        for route in routes:
+        for route in gone:
             if owned.get(route.dst) is route:
                 del owned[route.dst]
-        return dataclasses.replace(self, owned=owned)
-
-    def adding(self, routes):
-        """With our `routes` added (never a default route: the safety policy refuses
-        anything that wide)."""
-        owned = dict(self.owned)
-        owned.update((r.dst, r) for r in routes)
+        owned.update((r.dst, r) for r in new)
         return dataclasses.replace(self, owned=owned)
 
 
