@@ -372,6 +372,9 @@ def pure(endpoints, networks, events):
                 for i in range(per)}}
         links.append(Link(index=n + 2, name=f"bench{n}"))
         addresses.append(Address(f"bench{n}", ipaddress.ip_interface(f"{own}/22")))
+        if n == 0:
+            # What Docker would hand the next container: an address no endpoint holds.
+            free = [next(hosts) for _ in range(min(events, 20))]
     kernel = PureKernel(Host(links=tuple(links), addresses=tuple(addresses),
                              machine_id="0123456789abcdef0123456789abcdef"))
     docker = PureDocker(records)
@@ -389,7 +392,7 @@ def pure(endpoints, networks, events):
     connect, disconnect = [], []
     for i in range(events):
         cid = f"ffff{i:060x}"
-        target[cid] = {"Name": f"new{i}", "IPv4Address": f"198.18.3.{i % 200 + 20}/22",
+        target[cid] = {"Name": f"new{i}", "IPv4Address": f"{free[i % len(free)]}/22",
                        "IPv6Address": ""}
         docker.answer(f"{0:064x}")
         started = time.process_time()
