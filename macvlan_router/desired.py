@@ -153,12 +153,6 @@ class _Routes:
         # dict's keys view would hash every address again in Python.
         return frozenset(self.routes)
 
-    @functools.cached_property
-    def by_id(self):
-        """The endpoints by object id: this entry keeps them alive, so no new endpoint
-        can have the id of one of them."""
-        return dict(zip(map(id, self.network.endpoints), self.network.endpoints))
-
     def in_order(self):
         if self.ordered:
             return self.steps.values()
@@ -501,22 +495,28 @@ def _network_routes(network, inputs, previous):
 
 def _patched(network, inputs, previous):
     """`previous` (same inputs, distinct, keyed) with the endpoints it had and `network`
-    has not (as objects) gone, and the new ones added; _Overlap when only a full pass
-    can tell (a container id twice, or two endpoints with one destination)."""
+    has not gone, and the new ones added; _Overlap when only a full pass can tell (a
+    container id twice, or two endpoints with one destination).
+
+    docker_source keeps the endpoints in container id order and an unchanged one's
+    object, so what changed lies between the common head and the common tail of the two
+    tuples; tuple comparison finds them in C (an object is equal to itself at once)."""
     if not (previous.distinct and previous.keyed):
         raise _Overlap
-    old, new = previous.by_id, dict(zip(map(id, network.endpoints), network.endpoints))
+    before, now = previous.network.endpoints, network.endpoints
+    head = _common_head(before, now)
+    tail = _common_head(before[head:][::-1], now[head:][::-1])
     steps, routes, delta = dict(previous.steps), dict(previous.routes), set()
-    for gone in old.keys() - new.keys():
-        for dst in _destinations([steps.pop(old[gone].container_id)[1]]):
+    bad = set(previous.troubled)
+    for endpoint in before[head:len(before) - tail]:
+        _, found = steps.pop(endpoint.container_id)
+        bad.discard(endpoint.container_id)
+        for dst in _destinations([found]):
             del routes[dst]
             delta.add(dst)
     _, _, sources, shim, host_ips, facts = inputs
     sources = dict(sources)
-    bad = set(previous.troubled)
-    bad.difference_update(old[gone].container_id for gone in old.keys() - new.keys())
-    for added in new.keys() - old.keys():
-        endpoint = new[added]
+    for endpoint in now[head:len(now) - tail]:
         if endpoint.container_id in steps:
             raise _Overlap
         found = _steps(network, endpoint, sources, shim, host_ips, facts)
@@ -533,10 +533,20 @@ def _patched(network, inputs, previous):
     problems = () if not bad else tuple(
         step for e in network.endpoints if e.container_id in bad
         for step in steps[e.container_id][1] if isinstance(step, Problem))
-    entry = _Routes(network, inputs, steps, routes, problems, True, delta=frozenset(delta),
-                    ordered=False, troubled=frozenset(bad))
-    entry.__dict__["by_id"] = new
-    return entry
+    return _Routes(network, inputs, steps, routes, problems, True, delta=frozenset(delta),
+                   ordered=False, troubled=frozenset(bad))
+
+
+def _common_head(a, b):
+    """How many leading items `a` and `b` share, by binary search over slices."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _steps(network, endpoint, sources, shim, host_ips, facts):
