@@ -139,25 +139,15 @@ class Netlink:
     def _read(self):
         links = tuple(self._link(msg) for msg in self.ipr.get_links())
         names = {link.index: link.name for link in links}
-        addresses = []
-        for msg in self.ipr.get_addr():
-            ifname = names.get(msg["index"])
-            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if ifname is None or address is None:
-                continue
-            flags = _flags(msg)
-            addresses.append(Address(
-                ifname=ifname,
-                interface=ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"),
-                tentative=bool(flags & IFA_F_TENTATIVE),
-                dad_failed=bool(flags & IFA_F_DADFAILED)))
+        addresses = tuple(address for address in map(
+            lambda msg: self._address(msg, names), self.ipr.get_addr()) if address is not None)
         routes = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_routes(family=family, table=MAIN_TABLE):
                 route = self._route(msg, names)
                 if route is not None:
                     routes.append(route)
-        return Host(links=links, addresses=tuple(addresses), routes=tuple(routes),
+        return Host(links=links, addresses=addresses, routes=tuple(routes),
                     machine_id=self.machine_id, neighbours=self.neighbours(links))
 
     def neighbours(self, links):
@@ -186,6 +176,19 @@ class Netlink:
             mac=msg.get_attr("IFLA_ADDRESS"),
             macvlan_mode=MACVLAN_MODES.get(mode, mode),
             arp_filter=None if inet is None else bool(inet["arpfilter"]))
+
+    @staticmethod
+    def _address(msg, names):
+        ifname = names.get(msg["index"])
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if ifname is None or address is None:
+            return None
+        flags = _flags(msg)
+        return Address(
+            ifname=ifname,
+            interface=ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"),
+            tentative=bool(flags & IFA_F_TENTATIVE),
+            dad_failed=bool(flags & IFA_F_DADFAILED))
 
     @staticmethod
     def _route(msg, names):
@@ -400,31 +403,33 @@ class OwnChanges:
 
 
 class HostNews:
-    """What the monitor saw change since the main thread last looked: route changes the
-    main thread folds into its snapshot of the host, or a change it cannot (a link, an
-    address, dropped notifications), which means reading the whole host again.
+    """What the monitor saw change since the main thread last looked: links, addresses
+    and routes the main thread folds into its snapshot of the host (model.Host.
+    with_notified), or a change it cannot (dropped notifications, a message it cannot
+    read), which means reading the whole host again.
 
     Thread-safe: the monitor adds, the main thread takes.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._routes, self._everything = [], False
+        self._changes, self._everything = [], False
 
-    def route(self, added, route):
-        """A route added or deleted; its `ifname` is still the interface index."""
+    def add(self, kind, added, value):
+        """A "link", "address" or "route" added (or changed) or deleted; an address's or
+        route's `ifname` is still the interface index."""
         with self._lock:
-            self._routes.append((added, route))
+            self._changes.append((kind, added, value))
 
     def everything(self):
         with self._lock:
             self._everything = True
 
     def take(self):
-        """(route changes in order, whether everything must be read again)."""
+        """(the changes in order, whether everything must be read again)."""
         with self._lock:
-            news = (self._routes, self._everything)
-            self._routes, self._everything = [], False
+            news = (self._changes, self._everything)
+            self._changes, self._everything = [], False
             return news
 
 
@@ -560,10 +565,16 @@ class Monitor:
 
     @staticmethod
     def _tell(watched, change, msg):
-        """Pass a route change on as a model Route; anything else asks for a full read."""
+        """Pass a change on as a model value for the main thread's snapshot."""
         if watched is None or watched.news is None:
             return
         if change.kind in (RTM_NEWROUTE, RTM_DELROUTE):
-            watched.news.route(change.kind == RTM_NEWROUTE, Netlink._route(msg, _Indexes))
+            watched.news.add("route", change.kind == RTM_NEWROUTE, Netlink._route(msg, _Indexes))
+        elif change.kind in (RTM_NEWLINK, RTM_DELLINK):
+            watched.news.add("link", change.kind == RTM_NEWLINK, Netlink._link(msg))
         else:
-            watched.news.everything()
+            address = Netlink._address(msg, _Indexes)
+            if address is None:
+                watched.news.everything()
+            else:
+                watched.news.add("address", change.kind == RTM_NEWADDR, address)

@@ -73,23 +73,26 @@ class Reconciler:
         self._host, self._last_plan = None, None
 
     def host_changed(self):
-        """Netlink reported changes: route changes go into the snapshot (and the next
-        plan looks at their destinations); anything else means reading the host again."""
-        routes, everything = self.news.take()
-        if any(route.dst.prefixlen == 0 for _, route in routes):
+        """Netlink reported changes: links, addresses and routes go into the snapshot
+        (and the next plan looks again at the routes' destinations; a link or address
+        changes the plan's inputs, which it compares); what the snapshot cannot follow
+        means reading the host again."""
+        changes, everything = self.news.take()
+        routes = [route for kind, _, route in changes if kind == "route"]
+        if any(route.dst.prefixlen == 0 for route in routes):
             # A default route came or went: the host's gateways (the route-safety gate)
             # and the parent of a network that names none follow it. Compute anew.
             self.memo = desired_state.Memo()
             everything = True
         host = None
-        if routes and not everything and self._host is not None:
-            host = self._host.with_notified_routes(routes)
+        if changes and not everything and self._host is not None:
+            host = self._host.with_notified(changes)
         if host is None:
             self.invalidate_host()
             return
         self._host = host
-        self._touched = self._touched | {route.dst for _, route in routes}
-        log.debug("%d route notification(s) folded into the host snapshot", len(routes))
+        self._touched = self._touched | {route.dst for route in routes}
+        log.debug("%d netlink notification(s) folded into the host snapshot", len(changes))
 
     def warm(self):
         """Read the host now, while idle, if the snapshot is stale (after our own changes),

@@ -140,6 +140,10 @@ def test_a_plan_scoped_to_what_changed_is_the_full_plan(sequence):
             # looks again at their destinations.
             moved = set(changed_host.neighbours) ^ set(h.neighbours)
             h, touched = changed_host, touched | {ipaddress.ip_network(n.ip) for n in moved}
+        elif event[0] == "host address":
+            # As Reconciler.host_changed: an address notification keeps the last plan,
+            # whose inputs (the shims, their addresses) the next one compares.
+            h = changed_host
         elif changed_host is not h:
             h, previous = changed_host, None
         want = desired.compute(Config(), sorted(objects.values(), key=lambda n: n.name), h,
@@ -199,7 +203,7 @@ def test_the_daemon_s_snapshot_after_its_own_changes_is_the_kernel_s(sequence):
                 r for r in netlink.host.routes if r not in gone))
             if event[1]:
                 for route in gone:
-                    d.reconciler.news.route(False, dataclasses.replace(
+                    d.reconciler.news.add("route", False, dataclasses.replace(
                         route, ifname=netlink.host.link(route.ifname).index))
             d.triggers.put((daemon_mod.HOST, None))
         else:
@@ -239,7 +243,7 @@ def test_a_default_route_notification_moves_a_network_without_parent_at_once():
     moved = default_route("eth1")
     netlink.host = dataclasses.replace(netlink.host, routes=tuple(
         r for r in netlink.host.routes if r.dst.prefixlen) + (moved,))
-    d.reconciler.news.route(True, dataclasses.replace(
+    d.reconciler.news.add("route", True, dataclasses.replace(
         moved, ifname=netlink.host.link("eth1").index))
     d.triggers.put((daemon_mod.HOST, None))
     d.step()
