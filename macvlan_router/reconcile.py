@@ -144,7 +144,9 @@ class Reconciler:
                 return set(due[position:]), exc
         return set(), None
 
-    def compute(self, host):
+    def compute(self, host, neighbours_current=True):
+        """The Outcome for `host`; `neighbours_current` False: its neighbour entries are
+        as last read, and those the plan may need are read again first."""
         want = desired_state.compute(self.config, self.view.networks(), host, self.memo)
         # The last plan carried out, if the host is still the one it led to: then only
         # the destinations changed since (in Docker's view or by our own changes) are
@@ -153,25 +155,45 @@ class Reconciler:
         scope = None
         if previous is not None and host is self._host and want.changed is not None:
             scope = want.changed | self._touched
+        if not neighbours_current:
+            host, scope = self._with_neighbours(host, want, scope)
         plan = plan_mod.compute(want, host, self.view.protection(), previous, scope)
         problems = self.view.problems() + want.problems + plan.problems
         return Outcome(desired=want, plan=plan, host=host, problems=problems)
 
+    def _with_neighbours(self, host, want, scope):
+        """(host, scope) with the neighbour entries a plan may turn into a NeighDel read
+        afresh (they change without a notification the monitor follows): every entry for
+        a full plan; for a scoped one, those on the shims of its destinations whose
+        container's MAC is known, and none without such a destination (a disconnect).
+        An entry that moved puts its destination in the scope."""
+        shims = None
+        if scope is not None:
+            shims = {spec.shim for spec in map(want.routes.get, scope)
+                     if spec is not None and spec.mac}
+            if not shims:
+                return host, scope
+        links = host.links if shims is None else tuple(
+            link for link in host.links if link.name in shims)
+        found = tuple(n for n in self.netlink.neighbours(links)
+                      if shims is None or n.ifname in shims)
+        if shims is not None:
+            found += tuple(n for n in host.neighbours if n.ifname not in shims)
+        moved = set(found) ^ set(host.neighbours)
+        if not moved:
+            return host, scope
+        fresh = host.with_neighbours(found)
+        if host is self._host:
+            self._host = fresh
+        if scope is not None:
+            scope = scope | {ipaddress.ip_network(n.ip) for n in moved}
+        return fresh, scope
+
     def assess(self):
-        """What a reconcile would do now, without doing it. Neighbour entries are read
-        afresh: they change without a netlink event the monitor follows."""
-        host = self._host
-        if host is None:
+        """What a reconcile would do now, without doing it."""
+        if self._host is None:
             return self.compute(self.netlink.read())
-        neighbours = self.netlink.neighbours(host.links)
-        moved = set(neighbours) ^ set(host.neighbours)
-        if moved:
-            # The snapshot takes them, and the plan looks again at their destinations
-            # (a stale MAC there is a NeighDel).
-            self._host = host.with_neighbours(neighbours)
-            self._touched = self._touched | {
-                ipaddress.ip_network(n.ip) for n in moved}
-        return self.compute(self._host)
+        return self.compute(self._host, neighbours_current=False)
 
     def apply(self, outcome):
         """Carry out the outcome's plan; sets outcome.failed to the number of failed changes."""

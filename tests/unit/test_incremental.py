@@ -251,3 +251,39 @@ def test_a_default_route_notification_moves_a_network_without_parent_at_once():
     assert shims == {desired.default_shim_name("eth1")}
     fresh = desired.compute(Config(), [lan], netlink.host)
     assert plan.compute(fresh, netlink.host).actions == ()
+
+
+def test_neighbours_are_read_for_a_plan_that_may_need_a_neigh_del_only():
+    """A connect whose container's MAC is known reads the entries on its shim (a stale
+    one there is a NeighDel); a disconnect reads none; the outcome is the full one."""
+    lan = network("lan", parent="eth0")
+    docker = FakeDocker(lan)
+    d, netlink, _ = make(docker)
+    d.triggers.put((daemon_mod.DOCKER, "all"))
+    d.step()
+    d.reconciler.warm()
+    # A pass with nothing to do: its plan is the one the next ones are scoped by.
+    d.triggers.put((daemon_mod.DOCKER, lan.id))
+    d.step()
+    read = []
+    kernel_neighbours = netlink.neighbours
+    netlink.neighbours = lambda links: read.append({l.name for l in links}) or \
+        kernel_neighbours(links)
+    shim = desired.default_shim_name("eth0")
+    stale = Neighbour(shim, ipaddress.ip_address("198.51.100.130"), MACS[2])
+    netlink.host = netlink.host.with_neighbours((stale,))
+
+    docker.networks[lan.id] = dataclasses.replace(lan, endpoints=(
+        endpoint("a", "198.51.100.130", mac=MACS[1]),))
+    d.triggers.put((daemon_mod.DOCKER, lan.id))
+    d.step()
+    assert read == [{shim}]
+    assert plan.NeighDel(shim, stale.ip) in netlink.applied
+
+    del read[:]
+    docker.networks[lan.id] = lan
+    d.triggers.put((daemon_mod.DOCKER, lan.id))
+    d.step()
+    assert read == [], "a disconnect needs no neighbour entry"
+    fresh = desired.compute(Config(), [lan], netlink.host)
+    assert plan.compute(fresh, netlink.host).actions == ()
