@@ -120,6 +120,7 @@ class Memo:
         self.routes, self.extra = None, ()
         # network id -> (what its shim addresses were computed from, sources, problems)
         self.sources = {}
+        self.host = None     # (host addresses, safety.HostFacts) of the last computation
 
 
 class _Overlap(Exception):
@@ -193,6 +194,10 @@ def _compute(config, networks, host, memo, patched):
         default_gateways=host.default_gateways(),
         subnets=tuple((subnet, frozenset(g for g in n.gateways if g in subnet))
                       for n in networks for subnet in n.subnets))
+    # The last ones when equal: each network's inputs then compare them by identity.
+    if (host_ips, facts) == memo.host:
+        host_ips, facts = memo.host
+    memo.host = (host_ips, facts)
     by_parent = defaultdict(list)
     for network in networks:
         if network.parent:
