@@ -183,9 +183,9 @@ class Host:
         """This host after netlink's notifications, in order: (kind, added, value), kind
         "link" (a Link), "address" (an Address) or "route" (a Route), the address's and
         route's `ifname` still the interface index (or None). None when the snapshot
-        cannot follow: a link deleted, renamed or gone down (the kernel drops its IPv4
-        routes without a notification), or an index it lacks. A notification the
-        snapshot already reflects changes nothing."""
+        cannot follow: a link new to it, deleted, renamed or gone down (the kernel drops
+        its IPv4 routes without a notification), or an index it lacks. A notification
+        the snapshot already reflects changes nothing."""
         links, addresses, routes = self.links, self.addresses, self.routes
         for kind, added, value in changes:
             if kind == "link":
@@ -214,15 +214,12 @@ class Host:
 
 
 def _notified_link(links, added, link):
-    """`links` after a link notification, or None when the snapshot cannot follow it."""
+    """`links` after a link notification, or None when the snapshot cannot follow it: a
+    link it lacks may have had addresses and routes before anyone watched it."""
     before = next((known for known in links if known.index == link.index), None)
-    if not added or (before is not None and (
-            before.name != link.name or (before.up and not link.up))):
+    if not added or before is None or before.name != link.name or (
+            before.up and not link.up):
         return None
-    if before is None:
-        if any(known.name == link.name for known in links):
-            return None
-        return links + (link,)
     return tuple(link if known is before else known for known in links)
 
 
