@@ -68,6 +68,9 @@ class Reconciler:
         # then everything matters.
         self.watched = None
         self._watched_names = frozenset()
+        # True after an apply that watches links the snapshot did not follow: the daemon
+        # then reconciles once more, on a fresh read.
+        self.watching_more = False
 
     def invalidate_host(self):
         self._host, self._last_plan = None, None
@@ -206,9 +209,15 @@ class Reconciler:
             self._touched = frozenset(
                 a.spec.dst if isinstance(a, plan_mod.RouteReplace) else a.route.dst
                 for a in outcome.plan.actions)
-        self._watched_names = frozenset(
+        watched = frozenset(
             set(outcome.desired.shims) | set(plan_mod.owned_shims(host))
             | {m.network.parent for m in outcome.desired.networks if m.network.parent})
+        if not watched <= self._watched_names:
+            # Notifications of a link nobody watched were not folded (a new network's
+            # parent, its address): the host must be read again (see watching_more).
+            self.invalidate_host()
+            self.watching_more = True
+        self._watched_names = watched
         self._watch(host)
 
 

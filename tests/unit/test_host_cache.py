@@ -28,12 +28,10 @@ def test_a_link_that_changes_but_stays_up_is_replaced_in_place():
     assert h.with_notified([("link", True, moved)]).links == (moved, h.links[1])
 
 
-def test_a_new_link_is_added_and_one_coming_up_is_followed():
-    h = Host(links=(ETH0,))
+def test_a_link_coming_up_is_followed():
     vlan = Link(index=9, name="eth0.5", up=False)
-    h = h.with_notified([("link", True, vlan)])
-    assert h.link("eth0.5") == vlan
-    h = h.with_notified([("link", True, dataclasses.replace(vlan, up=True))])
+    h = Host(links=(ETH0, vlan)).with_notified([("link", True, dataclasses.replace(
+        vlan, up=True))])
     assert h.link("eth0.5").up
 
 
@@ -43,8 +41,8 @@ def test_what_a_notification_cannot_tell_means_reading_again():
     assert h.with_notified([("link", True, dataclasses.replace(ETH0, up=False))]) is None
     assert h.with_notified([("link", False, ETH0)]) is None, "deleted"
     assert h.with_notified([("link", True, dataclasses.replace(ETH0, name="lan"))]) is None
-    assert h.with_notified([("link", True, Link(index=7, name="eth0"))]) is None, \
-        "a second eth0: the snapshot is behind"
+    assert h.with_notified([("link", True, Link(index=7, name="eth1"))]) is None, \
+        "a new link: its addresses may have come before the daemon watched it"
     assert h.with_notified([("address", True, address(5, "198.51.100.9/24"))]) is None, \
         "an index the snapshot lacks"
 
@@ -132,7 +130,10 @@ def test_the_daemon_folds_an_address_notification_without_reading_the_host():
     d.step()
     assert {str(r.dst) for r in netlink.host.routes if r.owned} == {
         "198.51.100.130/32", "198.51.100.131/32"}
-    d.reconciler.warm()  # as the idle loop does after the shim was created
+    assert d.triggers.items == [(daemon_mod.HOST, None)], \
+        "the new shim and parent are watched now: once more, on a fresh read"
+    d.step()
+    d.reconciler.warm()  # as the idle loop does
     reads = []
     netlink.read = lambda: reads.append(1) or netlink.host
     taken = Address("eth0", iface("198.51.100.131/32"))
@@ -149,3 +150,25 @@ def test_the_daemon_folds_an_address_notification_without_reading_the_host():
     fresh = desired.compute(Config(), [lan], netlink.host)
     assert plan.compute(fresh, netlink.host).actions == ()
     assert net("198.51.100.131/32") not in fresh.routes
+
+
+def test_a_parent_made_before_anyone_watched_it_is_read_when_its_network_comes():
+    """Its link and address notifications came while no network named it, so the
+    snapshot never took them: the network's arrival makes the daemon read the host again
+    and serve it at once, not at the next event or resync."""
+    docker = FakeDocker()
+    d, netlink, _ = make(docker, host(links=("eth0",)))
+    d.triggers.put((daemon_mod.DOCKER, "all"))
+    d.step()
+    d.reconciler.warm()
+    netlink.host = host(links=("eth0", "eth1"), addresses=(
+        ("eth0", "198.51.100.2/24"), ("eth1", "203.0.113.2/24")))
+    lan = network("lan", parent="eth1", subnets=("203.0.113.0/24",),
+                  endpoints=[endpoint("a", "203.0.113.130")])
+    docker.networks[lan.id] = lan
+    d.triggers.put((daemon_mod.DOCKER, "all"))
+    for _ in range(3):
+        if d.triggers.empty():
+            break
+        d.step()
+    assert {str(r.dst) for r in netlink.host.routes if r.owned} == {"203.0.113.130/32"}
