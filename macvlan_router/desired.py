@@ -230,8 +230,7 @@ def _compute(config, networks, host, memo, patched):
             managed.append(ManagedNetwork(network, name))
             key = (network, parent, host.addresses, host.links, host.machine_id, config)
             known = memo.sources.get(network.id)
-            if known is None or len(known[0]) != len(key) or not all(
-                    a is b for a, b in zip(known[0], key)):
+            if known is None or not all(a is b for a, b in zip(known[0], key)):
                 found = []
                 sources = {subnet: source for subnet in network.subnets
                            for source in [_shim_address(config, network, subnet, parent,

@@ -149,8 +149,8 @@ class Netlink:
     def _read(self):
         links = tuple(self._link(msg) for msg in self.ipr.get_links())
         names = {link.index: link.name for link in links}
-        addresses = tuple(address for address in map(
-            lambda msg: self._address(msg, names), self.ipr.get_addr()) if address is not None)
+        addresses = tuple(address for address in (
+            self._address(msg, names) for msg in self.ipr.get_addr()) if address is not None)
         routes = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_routes(family=family, table=MAIN_TABLE):
