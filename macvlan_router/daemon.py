@@ -233,6 +233,11 @@ class Daemon:
             self.host_retry.failed()
         else:
             self.host_retry.succeeded()
+        if self.reconciler.watching_more:
+            # The snapshot was blind to links it watches now: reconcile once more, on a
+            # fresh read.
+            self.reconciler.watching_more = False
+            self.triggers.put((HOST, None))
         log.debug("reconcile applied %d changes in %.1f ms", len(outcome.plan.actions),
                   (self.clock() - started) * 1000)
         self._report(outcome)

@@ -5,6 +5,7 @@ whose message names the network, the setting, the value and the fix.
 """
 
 import dataclasses
+import functools
 import hashlib
 import ipaddress
 from collections import defaultdict
@@ -74,6 +75,7 @@ def default_shim_name(parent):
     return f"{SHIM_PREFIX}{parent.encode()[:room].decode(errors='ignore')}-{digest}"
 
 
+@functools.lru_cache(maxsize=256)
 def stable_mac(machine_id, parent):
     """A locally administered unicast MAC that stays the same across restarts and reboots.
 
@@ -105,12 +107,27 @@ def stable_ipv6(machine_id, parent, subnet, taken):
 class Memo:
     """Each network's routes as computed last, so that an event costs work for what it
     changed: a network that is the same object as last time (view.View keeps a network's
-    object until a read of it answers) with the same inputs is reused whole, and a
-    changed one reuses the routes of the endpoints it kept. A fresh Memo (or none) gives
-    the full computation; both give the same Desired."""
+    object until a read of it answers) with the same inputs is reused whole; a changed
+    one is patched for the endpoints that are not the very objects it had (docker_source
+    keeps an unchanged endpoint's object); and the routes of all networks together are
+    patched at the destinations that changed, when no two networks (or endpoints) share
+    one. A fresh Memo (or none) gives the full computation; all give the same Desired.
+
+    The Desired a computation returns holds `routes`, which the next computation with
+    the same memo patches in place: use a Desired before computing the next one."""
 
     def __init__(self):
-        self.networks = {}   # network id -> _Routes
+        self.networks = {}   # network id -> _Routes, of the networks routed last time
+        # All their routes, with the ADDITIONAL_ROUTES prefixes `extra` among them; None:
+        # build them anew (first time, after an overlap, or a computation that failed).
+        self.routes, self.extra = None, ()
+        # network id -> (what its shim addresses were computed from, sources, problems)
+        self.sources = {}
+        self.host = None     # (host addresses, safety.HostFacts) of the last computation
+
+
+class _Overlap(Exception):
+    """Two networks or endpoints share a destination: only a full merge says who wins."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,19 +140,53 @@ class _Routes:
     inputs: tuple
     steps: dict
     routes: dict
-    # The destinations again, as a set: set operations between sets reuse the hashes
-    # they keep, where a dict's keys view would hash every address again in Python.
-    destinations: frozenset
     problems: tuple
-    distinct: bool
+    distinct: bool        # no two endpoints share a destination
+    # Destinations whose route may differ from the entry this one was built from (with
+    # the same inputs); None: any may.
+    delta: object = None
+    # `steps` are in the order of network.endpoints (a patched entry's are not), and
+    # keyed by container id alone (a test may repeat one: then by (id, position)).
+    ordered: bool = True
+    keyed: bool = True
+    troubled: frozenset = frozenset()   # the keys of the steps with a Problem
+
+    @functools.cached_property
+    def destinations(self):
+        # As a set: set operations between sets reuse the hashes they keep, where a
+        # dict's keys view would hash every address again in Python.
+        return frozenset(self.routes)
+
+    def in_order(self):
+        if self.ordered:
+            return self.steps.values()
+        return (self.steps[e.container_id] for e in self.network.endpoints)
 
 
 def compute(config, networks, host, memo=None):
     """Return the Desired state for the managed `networks` on `host` (`memo`: see Memo)."""
     memo = memo or Memo()
+    routes, memo.routes = memo.routes, None
+    if routes is not None:
+        try:
+            return _compute(config, networks, host, memo, routes)
+        except _Overlap:
+            pass
+    return _compute(config, networks, host, memo, None)
+
+
+def _compute(config, networks, host, memo, patched):
+    """compute(); `patched`: the last computation's routes, patched here (an _Overlap
+    when that cannot be done), or None to merge every network's routes anew."""
     fresh = {}
     problems = []
-    shims, routes, taken, managed = {}, {}, set(), []
+    shims, managed = {}, []
+    if patched is None:
+        routes, taken, clean = {}, set(), True
+    else:
+        routes = patched
+        for prefix in memo.extra:
+            routes.pop(prefix, None)
     host_ips = _host_ips(host)
     networks = [_servable(_with_parent(network, host, problems), problems)
                 for network in networks]
@@ -146,6 +197,10 @@ def compute(config, networks, host, memo=None):
         default_gateways=host.default_gateways(),
         subnets=tuple((subnet, frozenset(g for g in n.gateways if g in subnet))
                       for n in networks for subnet in n.subnets))
+    # The last ones when equal: each network's inputs then compare them by identity.
+    if (host_ips, facts) == memo.host:
+        host_ips, facts = memo.host
+    memo.host = (host_ips, facts)
     by_parent = defaultdict(list)
     for network in networks:
         if network.parent:
@@ -153,6 +208,7 @@ def compute(config, networks, host, memo=None):
         else:
             managed.append(ManagedNetwork(network, None))
     names = _shim_names(config, sorted(by_parent), host, problems)
+    sources_memo = {}
 
     for parent in sorted(by_parent):
         members = by_parent[parent]
@@ -177,54 +233,90 @@ def compute(config, networks, host, memo=None):
         shim_addresses = set()
         for network in served:
             managed.append(ManagedNetwork(network, name))
-            sources = {}
-            for subnet in network.subnets:
-                source = _shim_address(config, network, subnet, parent, host,
-                                       host_ips, problems)
-                if source is None:
-                    continue
-                sources[subnet] = source
-                shim_addresses.add(ipaddress.ip_interface(f"{source}/{source.max_prefixlen}"))
+            key = (network, parent, host.addresses, host.links, host.machine_id, config)
+            known = memo.sources.get(network.id)
+            if known is None or not all(a is b for a, b in zip(known[0], key)):
+                found = []
+                sources = {subnet: source for subnet in network.subnets
+                           for source in [_shim_address(config, network, subnet, parent,
+                                                        host, host_ips, found)]
+                           if source is not None}
+                known = (key, sources, tuple(found), frozenset(
+                    ipaddress.ip_interface(f"{source}/{source.max_prefixlen}")
+                    for source in sources.values()))
+            sources_memo[network.id] = known
+            _, sources, found, interfaces = known
+            problems.extend(found)
+            shim_addresses |= interfaces
             # The parent too: a network that names none follows the default route.
             inputs = (network.name, parent, tuple(sources.items()), name, host_ips, facts)
-            entry = _network_routes(network, inputs, memo.networks.get(network.id))
+            old = memo.networks.get(network.id)
+            entry = _network_routes(network, inputs, old)
             fresh[network.id] = entry
-            _merge(entry, routes, taken, problems)
+            if patched is None:
+                clean &= _merge(entry, routes, taken, problems)
+            else:
+                if old is not entry:
+                    _patch(routes, old, entry)
+                problems.extend(entry.problems)
         if shim_addresses:
             # ipvlan children all have the parent's MAC.
             mac = stable_mac(host.machine_id, parent) if kind[0] == MACVLAN else None
             shims[name] = ShimSpec(name=name, parent=parent, mac=mac,
                                    addresses=frozenset(shim_addresses),
                                    kind=kind[0], mode=kind[1])
+    if patched is not None:
+        for network_id in memo.networks.keys() - fresh.keys():
+            _patch(routes, memo.networks[network_id], None)
 
     _outside_addresses(config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
     _outside_addresses(config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
+    free = [prefix for prefix in config.additional_routes if prefix not in routes]
     _additional_routes(config.additional_routes, shims, managed, facts, routes, problems)
     changed = _changed(memo.networks, fresh, config) if memo.networks else None
-    memo.networks = fresh
+    memo.networks, memo.sources = fresh, sources_memo
+    if patched is not None or clean:
+        memo.routes, memo.extra = routes, tuple(p for p in free if p in routes)
     return Desired(shims=shims, routes=routes, networks=tuple(managed),
                    problems=tuple(problems), changed=changed)
 
 
+def _patch(routes, old, new):
+    """All networks' `routes`, held by one network each, with network `old` replaced by
+    `new` (either None: a network routed only before, or only now). _Overlap when `new`
+    takes a destination another network holds, or two of its endpoints share one."""
+    if new is not None and not new.distinct:
+        raise _Overlap
+    if old is not None and new is not None and new.delta is not None:
+        delta = new.delta
+    else:
+        delta = (old.destinations if old else frozenset()) | (
+            new.destinations if new else frozenset())
+    for dst in delta:
+        spec = new.routes.get(dst) if new is not None else None
+        if spec is not None:
+            if dst in routes and (old is None or dst not in old.routes):
+                raise _Overlap
+            routes[dst] = spec
+        elif old is not None and dst in old.routes:
+            del routes[dst]
+
+
 def _changed(before, now, config):
     """Destinations whose route may differ between two computations: those of every
-    network computed anew or gone (a destination two networks hold included), and the
-    configured additional routes."""
+    network computed anew or gone (a destination two networks hold included), the ones
+    a network patched or reused with the same inputs says changed, and the configured
+    additional routes."""
     changed = set(config.additional_routes)
     for network_id in before.keys() | now.keys():
         old, new = before.get(network_id), now.get(network_id)
         if old is new:
             continue
-        if old is None or new is None or old.inputs != new.inputs:
+        if old is None or new is None or new.delta is None:
             changed.update(d for entry in (old, new) if entry is not None
                            for d in entry.destinations)
-            continue
-        # The same inputs: only endpoints whose steps are not the very ones reused.
-        for key in old.steps.keys() | new.steps.keys():
-            was, now_ = old.steps.get(key, (None, ())), new.steps.get(key, (None, ()))
-            if was[1] is not now_[1]:
-                changed.update(step[0].dst for step in was[1] + now_[1]
-                               if not isinstance(step, Problem))
+        else:
+            changed.update(new.delta)
     return frozenset(changed)
 
 
@@ -457,12 +549,15 @@ def _network_routes(network, inputs, previous):
     if previous is not None and previous.inputs == inputs:
         if previous.network is network:
             return previous
-        known = previous.steps
+        try:
+            return _patched(network, inputs, previous)
+        except _Overlap:
+            known = previous.steps
     else:
-        known = {}
+        previous, known = None, {}
     _, _, sources, shim, host_ips, facts = inputs
     sources = dict(sources)
-    steps = {}
+    steps, reused = {}, set()
     for position, endpoint in enumerate(network.endpoints):
         # By container id, a cheap key; the endpoint itself is compared only when it is
         # not the very object translated before (docker_source reuses unchanged ones).
@@ -472,34 +567,107 @@ def _network_routes(network, inputs, previous):
         before = known.get(key)
         if before is not None and (before[0] is endpoint or before[0] == endpoint):
             found = before[1]
+            reused.add(key)
         else:
-            found = tuple(step for step in (
-                _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts)
-                for address in (endpoint.ipv4, endpoint.ipv6) if address is not None)
-                if step is not None)
+            found = _steps(network, endpoint, sources, shim, host_ips, facts)
         steps[key] = (endpoint, found)
-    routes, problems, count = {}, [], 0
-    for _, found in steps.values():
+    routes, problems, troubled, count = {}, [], set(), 0
+    for key, (_, found) in steps.items():
         for step in found:
             if isinstance(step, Problem):
                 problems.append(step)
+                troubled.add(key)
             else:
                 routes[step[0].dst] = step[0]
                 count += 1
-    return _Routes(network, inputs, steps, routes, frozenset(routes), tuple(problems),
-                   count == len(routes))
+    delta = None
+    if previous is not None:
+        delta = frozenset(_destinations(
+            found for steps_ in (steps, known) for key, (_, found) in steps_.items()
+            if key not in reused))
+    return _Routes(network, inputs, steps, routes, tuple(problems), count == len(routes),
+                   delta=delta, keyed=all(isinstance(key, str) for key in steps),
+                   troubled=frozenset(troubled))
+
+
+def _patched(network, inputs, previous):
+    """`previous` (same inputs, distinct, keyed) with the endpoints it had and `network`
+    has not gone, and the new ones added; _Overlap when only a full pass can tell (a
+    container id twice, or two endpoints with one destination).
+
+    docker_source keeps the endpoints in container id order and an unchanged one's
+    object, so what changed lies between the common head and the common tail of the two
+    tuples; tuple comparison finds them in C (an object is equal to itself at once)."""
+    if not (previous.distinct and previous.keyed):
+        raise _Overlap
+    before, now = previous.network.endpoints, network.endpoints
+    head = _common_head(before, now)
+    tail = _common_head(before[head:][::-1], now[head:][::-1])
+    steps, routes, delta = dict(previous.steps), dict(previous.routes), set()
+    bad = set(previous.troubled)
+    for endpoint in before[head:len(before) - tail]:
+        _, found = steps.pop(endpoint.container_id)
+        bad.discard(endpoint.container_id)
+        for dst in _destinations([found]):
+            del routes[dst]
+            delta.add(dst)
+    _, _, sources, shim, host_ips, facts = inputs
+    sources = dict(sources)
+    for endpoint in now[head:len(now) - tail]:
+        if endpoint.container_id in steps:
+            raise _Overlap
+        found = _steps(network, endpoint, sources, shim, host_ips, facts)
+        steps[endpoint.container_id] = (endpoint, found)
+        for step in found:
+            if isinstance(step, Problem):
+                bad.add(endpoint.container_id)
+            elif step[0].dst in routes:
+                raise _Overlap
+            else:
+                routes[step[0].dst] = step[0]
+                delta.add(step[0].dst)
+    # Problems in the endpoints' order, as a full pass gives them.
+    problems = () if not bad else tuple(
+        step for e in network.endpoints if e.container_id in bad
+        for step in steps[e.container_id][1] if isinstance(step, Problem))
+    return _Routes(network, inputs, steps, routes, problems, True, delta=frozenset(delta),
+                   ordered=False, troubled=frozenset(bad))
+
+
+def _common_head(a, b):
+    """How many leading items `a` and `b` share, by binary search over slices."""
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[low:middle] == b[low:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _steps(network, endpoint, sources, shim, host_ips, facts):
+    return tuple(step for step in (
+        _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts)
+        for address in (endpoint.ipv4, endpoint.ipv6) if address is not None)
+        if step is not None)
+
+
+def _destinations(founds):
+    return (step[0].dst for found in founds for step in found
+            if not isinstance(step, Problem))
 
 
 def _merge(entry, routes, taken, problems):
     """Add one network's routes: at once when no destination is taken, else in order, the
     first network (by name) keeping a destination two networks hold. `taken`: the keys
-    of `routes` as a set."""
+    of `routes` as a set. False when a destination was shared."""
     if entry.distinct and taken.isdisjoint(entry.destinations):
         routes.update(entry.routes)
         taken |= entry.destinations
         problems.extend(entry.problems)
-        return
-    for _, found in entry.steps.values():
+        return True
+    for _, found in entry.in_order():
         for step in found:
             if isinstance(step, Problem):
                 problems.append(step)
@@ -514,6 +682,7 @@ def _merge(entry, routes, taken, problems):
             else:
                 routes[spec.dst] = spec
                 taken.add(spec.dst)
+    return False
 
 
 def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts):
@@ -555,9 +724,10 @@ def _want_route(spec, facts, refused, kind="warning"):
 
 def _outside_addresses(configured, key, networks, problems):
     subnets = [s for n in networks for s in n.subnets]
-    listing = ", ".join(f"{n.name}: {s}" for n in networks for s in n.subnets) or "none"
     for address in configured:
         if not any(address in subnet for subnet in subnets):
+            listing = ", ".join(f"{n.name}: {s}" for n in networks for s in n.subnets) \
+                or "none"
             problems.append(Problem(
                 f"{key}={address} lies in none of the managed networks' subnets "
                 f"({listing}); use a free address inside one of them"))

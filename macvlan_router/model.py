@@ -187,7 +187,7 @@ class Host:
         removed = tuple(gone) + tuple(replaced)
         if not any(r.dst in index.shared for r in removed):
             # Set where cached_property keeps it; otherwise built from `routes` on use.
-            host.__dict__["route_index"] = index.without(removed).adding(new)
+            host.__dict__["route_index"] = index.replacing(removed, new)
         return host
 
     def with_neighbours(self, neighbours):
@@ -197,23 +197,48 @@ class Host:
             host.__dict__["route_index"] = self.__dict__["route_index"]
         return host
 
-    def with_notified_routes(self, changes):
-        """This host after netlink's route notifications, (added, Route whose ifname is
-        an interface index) in order; None when one names a link this snapshot lacks.
-        A route is the kernel's by destination and metric: a notification replaces or
-        removes the one there, so one already in the snapshot changes nothing."""
-        routes = list(self.routes)
-        for added, route in changes:
-            if route.ifname is not None:
-                name = self.link_name(route.ifname)
+    def with_notified(self, changes):
+        """This host after netlink's notifications, in order: (kind, added, value), kind
+        "link" (a Link), "address" (an Address) or "route" (a Route), the address's and
+        route's `ifname` still the interface index (or None). None when the snapshot
+        cannot follow: a link new to it, deleted, renamed or gone down (the kernel drops
+        its IPv4 routes without a notification), or an index it lacks. A notification
+        the snapshot already reflects changes nothing."""
+        links, addresses, routes = self.links, self.addresses, self.routes
+        for kind, added, value in changes:
+            if kind == "link":
+                links = _notified_link(links, added, value)
+                if links is None:
+                    return None
+                continue
+            if value.ifname is not None:
+                name = next((link.name for link in links if link.index == value.ifname), None)
                 if name is None:
                     return None
-                route = dataclasses.replace(route, ifname=name)
-            routes = [r for r in routes
-                      if not (r.priority == route.priority and r.dst == route.dst)]
-            if added:
-                routes.append(route)
-        return dataclasses.replace(self, routes=tuple(routes))
+                value = dataclasses.replace(value, ifname=name)
+            if kind == "address":
+                key = (value.ifname, value.interface)
+                addresses = tuple(a for a in addresses if (a.ifname, a.interface) != key) \
+                    + (value,) * added
+            else:
+                # A route is the kernel's by destination and metric: a notification
+                # replaces or removes the one there.
+                routes = tuple(r for r in routes if not (
+                    r.priority == value.priority and r.dst == value.dst)) + (value,) * added
+        host = dataclasses.replace(self, links=links, addresses=addresses, routes=routes)
+        if routes is self.routes and "route_index" in self.__dict__:
+            host.__dict__["route_index"] = self.__dict__["route_index"]
+        return host
+
+
+def _notified_link(links, added, link):
+    """`links` after a link notification, or None when the snapshot cannot follow it: a
+    link it lacks may have had addresses and routes before anyone watched it."""
+    before = next((known for known in links if known.index == link.index), None)
+    if not added or before is None or before.name != link.name or (
+            before.up and not link.up):
+        return None
+    return tuple(link if known is before else known for known in links)
 
 
 @dataclass(frozen=True)
@@ -236,18 +261,14 @@ class RouteIndex:
                    default_gateways=frozenset(g for r in routes if r.dst.prefixlen == 0
                                               for g in r.gateways))
 
-    def without(self, routes):
+    def replacing(self, gone, new):
+        """Without our routes `gone` and with our routes `new` (never a default route:
+        the safety policy refuses anything that wide)."""
         owned = dict(self.owned)
-        for route in routes:
+        for route in gone:
             if owned.get(route.dst) is route:
                 del owned[route.dst]
-        return dataclasses.replace(self, owned=owned)
-
-    def adding(self, routes):
-        """With our `routes` added (never a default route: the safety policy refuses
-        anything that wide)."""
-        owned = dict(self.owned)
-        owned.update((r.dst, r) for r in routes)
+        owned.update((r.dst, r) for r in new)
         return dataclasses.replace(self, owned=owned)
 
 

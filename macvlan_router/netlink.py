@@ -15,6 +15,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.exceptions import NetlinkDumpInterrupted, NetlinkError
 from pyroute2.netlink.rtnl import (RTM_DELADDR, RTM_DELLINK, RTM_DELROUTE, RTM_NEWADDR,
                                    RTM_NEWLINK, RTM_NEWROUTE, RTM_SETLINK)
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from . import plan as actions
 from .errors import PermissionDenied
@@ -35,7 +36,16 @@ RTMGRP_IPV4_IFADDR = 0x10
 RTMGRP_IPV4_ROUTE = 0x40
 RTMGRP_IPV6_IFADDR = 0x100
 RTMGRP_IPV6_ROUTE = 0x400
+IFLA_IFNAME = 3
 IFLA_AF_SPEC = 26
+# The monitor's socket buffer, as pyroute2 sets it; a datagram is one message or a few.
+RECEIVE_BUFFER = 1 << 20
+RECEIVE_SIZE = 1 << 17
+NLMSG_HEADER = struct.Struct("=IH10x")
+NLATTR_HEADER = struct.Struct("=HH")
+IFINFOMSG_INDEX = struct.Struct("=i")    # after family, pad and type
+IFADDRMSG_INDEX = struct.Struct("=I")    # after family, prefixlen, flags and scope
+RTMSG_HEAD = struct.Struct("=BBBBBB")    # family, dst_len, src_len, tos, table, protocol
 IFLA_INET_CONF = 1
 IPV4_DEVCONF_ARPFILTER = 13
 MACVLAN_MODES = {1: "private", 2: "vepa", 4: "bridge", 8: "passthru", 16: "source"}
@@ -145,25 +155,15 @@ class Netlink:
     def _read(self):
         links = tuple(self._link(msg) for msg in self.ipr.get_links())
         names = {link.index: link.name for link in links}
-        addresses = []
-        for msg in self.ipr.get_addr():
-            ifname = names.get(msg["index"])
-            address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            if ifname is None or address is None:
-                continue
-            flags = _flags(msg)
-            addresses.append(Address(
-                ifname=ifname,
-                interface=ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"),
-                tentative=bool(flags & IFA_F_TENTATIVE),
-                dad_failed=bool(flags & IFA_F_DADFAILED)))
+        addresses = tuple(address for address in (
+            self._address(msg, names) for msg in self.ipr.get_addr()) if address is not None)
         routes = []
         for family in (socket.AF_INET, socket.AF_INET6):
             for msg in self.ipr.get_routes(family=family, table=MAIN_TABLE):
                 route = self._route(msg, names)
                 if route is not None:
                     routes.append(route)
-        return Host(links=links, addresses=tuple(addresses), routes=tuple(routes),
+        return Host(links=links, addresses=addresses, routes=tuple(routes),
                     machine_id=self.machine_id, neighbours=self.neighbours(links))
 
     def neighbours(self, links):
@@ -194,6 +194,19 @@ class Netlink:
             macvlan_mode=MACVLAN_MODES.get(mode, mode),
             ipvlan_mode=IPVLAN_MODES.get(ipvlan_mode, ipvlan_mode),
             arp_filter=None if inet is None else bool(inet["arpfilter"]))
+
+    @staticmethod
+    def _address(msg, names):
+        ifname = names.get(msg["index"])
+        address = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+        if ifname is None or address is None:
+            return None
+        flags = _flags(msg)
+        return Address(
+            ifname=ifname,
+            interface=ipaddress.ip_interface(f"{address}/{msg['prefixlen']}"),
+            tentative=bool(flags & IFA_F_TENTATIVE),
+            dad_failed=bool(flags & IFA_F_DADFAILED))
 
     @staticmethod
     def _route(msg, names):
@@ -450,31 +463,33 @@ class OwnChanges:
 
 
 class HostNews:
-    """What the monitor saw change since the main thread last looked: route changes the
-    main thread folds into its snapshot of the host, or a change it cannot (a link, an
-    address, dropped notifications), which means reading the whole host again.
+    """What the monitor saw change since the main thread last looked: links, addresses
+    and routes the main thread folds into its snapshot of the host (model.Host.
+    with_notified), or a change it cannot (dropped notifications, a message it cannot
+    read), which means reading the whole host again.
 
     Thread-safe: the monitor adds, the main thread takes.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._routes, self._everything = [], False
+        self._changes, self._everything = [], False
 
-    def route(self, added, route):
-        """A route added or deleted; its `ifname` is still the interface index."""
+    def add(self, kind, added, value):
+        """A "link", "address" or "route" added (or changed) or deleted; an address's or
+        route's `ifname` is still the interface index."""
         with self._lock:
-            self._routes.append((added, route))
+            self._changes.append((kind, added, value))
 
     def everything(self):
         with self._lock:
             self._everything = True
 
     def take(self):
-        """(route changes in order, whether everything must be read again)."""
+        """(the changes in order, whether everything must be read again)."""
         with self._lock:
-            news = (self._routes, self._everything)
-            self._routes, self._everything = [], False
+            news = (self._changes, self._everything)
+            self._changes, self._everything = [], False
             return news
 
 
@@ -544,6 +559,52 @@ class ChangeFilter:
         return False
 
 
+def _messages(data):
+    """(type, offset, length) of each netlink message in one datagram."""
+    offset = 0
+    while offset + NLMSG_HEADER.size <= len(data):
+        length, kind = NLMSG_HEADER.unpack_from(data, offset)
+        if length < NLMSG_HEADER.size or offset + length > len(data):
+            return
+        yield kind, offset, length
+        offset += (length + 3) & ~3
+
+
+def worth_decoding(kind, data, offset, length, watched):
+    """False for a notification ChangeFilter.relevant would turn down anyway, told from
+    the fixed header fields (and a link's name) without decoding it."""
+    if kind not in (RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR, RTM_NEWROUTE,
+                    RTM_DELROUTE):
+        return False
+    if watched is None:
+        return True
+    body = offset + NLMSG_HEADER.size
+    if kind in (RTM_NEWADDR, RTM_DELADDR):
+        return IFADDRMSG_INDEX.unpack_from(data, body + 4)[0] in watched.indexes
+    if kind in (RTM_NEWLINK, RTM_DELLINK):
+        return IFINFOMSG_INDEX.unpack_from(data, body + 4)[0] in watched.indexes \
+            or _link_name(data, body + 16, offset + length) in watched.names
+    family, dst_len, _, _, table, proto = RTMSG_HEAD.unpack_from(data, body)
+    if table != MAIN_TABLE:
+        # A table above 255 is in RTA_TABLE, with RT_TABLE_COMPAT here: not main either.
+        return False
+    if proto == ROUTE_PROTO:
+        return kind == RTM_DELROUTE
+    return dst_len in (0, 32 if family == socket.AF_INET else 128)
+
+
+def _link_name(data, offset, end):
+    """IFLA_IFNAME of a link message (the kernel puts it first), or None."""
+    while offset + 4 <= end:
+        size, kind = NLATTR_HEADER.unpack_from(data, offset)
+        if size < 4:
+            return None
+        if kind == IFLA_IFNAME:
+            return data[offset + 4:offset + size].split(b"\0", 1)[0].decode(errors="replace")
+        offset += (size + 3) & ~3
+    return None
+
+
 class Monitor:
     """Calls `on_change()` when something we care about changes in this namespace."""
 
@@ -563,24 +624,27 @@ class Monitor:
         delay = 0.1
         while True:
             try:
-                with IPRoute() as ipr:
-                    ipr.bind(groups=self.GROUPS)
+                with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                                   socket.NETLINK_ROUTE) as sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+                    sock.bind((0, self.GROUPS))
                     # Anything may have changed while we were not listening.
                     self._everything()
                     self.on_change()
                     delay = 0.1
-                    self._listen(ipr)
+                    self._listen(sock)
             except Exception as exc:  # noqa: BLE001 - a lost monitor must come back
                 log.warning("netlink monitor restarting after: %s", exc)
             time.sleep(delay)
             delay = min(delay * 2, 5.0)
 
-    def _listen(self, ipr):
+    def _listen(self, sock):
+        marshal = MarshalRtnl()
         while True:
             try:
-                messages = ipr.get()
-            except (OSError, NetlinkError) as exc:
-                if errno.ENOBUFS not in (getattr(exc, "errno", None), getattr(exc, "code", None)):
+                data = sock.recv(RECEIVE_SIZE)
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
                     raise
                 # The kernel dropped notifications we were too slow to read: any of
                 # them may have mattered, so re-read the whole host.
@@ -595,7 +659,12 @@ class Monitor:
                 continue
             watched = self.watched()
             relevant = False
-            for msg in messages:
+            # Only what may matter is decoded (pyroute2 takes about 0.1 ms a link
+            # message, in Python, while the main thread waits for the interpreter):
+            # every `docker run` sends several for the container's own interface.
+            for msg in (msg for kind, offset, length in _messages(data)
+                        if worth_decoding(kind, data, offset, length, watched)
+                        for msg in marshal.parse(data[offset:offset + length])):
                 change = Change.of(msg)
                 if self.filter.relevant(change, watched):
                     relevant = True
@@ -610,10 +679,16 @@ class Monitor:
 
     @staticmethod
     def _tell(watched, change, msg):
-        """Pass a route change on as a model Route; anything else asks for a full read."""
+        """Pass a change on as a model value for the main thread's snapshot."""
         if watched is None or watched.news is None:
             return
         if change.kind in (RTM_NEWROUTE, RTM_DELROUTE):
-            watched.news.route(change.kind == RTM_NEWROUTE, Netlink._route(msg, _Indexes))
+            watched.news.add("route", change.kind == RTM_NEWROUTE, Netlink._route(msg, _Indexes))
+        elif change.kind in (RTM_NEWLINK, RTM_DELLINK):
+            watched.news.add("link", change.kind == RTM_NEWLINK, Netlink._link(msg))
         else:
-            watched.news.everything()
+            address = Netlink._address(msg, _Indexes)
+            if address is None:
+                watched.news.everything()
+            else:
+                watched.news.add("address", change.kind == RTM_NEWADDR, address)

@@ -68,28 +68,34 @@ class Reconciler:
         # then everything matters.
         self.watched = None
         self._watched_names = frozenset()
+        # True after an apply that watches links the snapshot did not follow: the daemon
+        # then reconciles once more, on a fresh read.
+        self.watching_more = False
 
     def invalidate_host(self):
         self._host, self._last_plan = None, None
 
     def host_changed(self):
-        """Netlink reported changes: route changes go into the snapshot (and the next
-        plan looks at their destinations); anything else means reading the host again."""
-        routes, everything = self.news.take()
-        if any(route.dst.prefixlen == 0 for _, route in routes):
+        """Netlink reported changes: links, addresses and routes go into the snapshot
+        (and the next plan looks again at the routes' destinations; a link or address
+        changes the plan's inputs, which it compares); what the snapshot cannot follow
+        means reading the host again."""
+        changes, everything = self.news.take()
+        routes = [route for kind, _, route in changes if kind == "route"]
+        if any(route.dst.prefixlen == 0 for route in routes):
             # A default route came or went: the host's gateways (the route-safety gate)
             # and the parent of a network that names none follow it. Compute anew.
             self.memo = desired_state.Memo()
             everything = True
         host = None
-        if routes and not everything and self._host is not None:
-            host = self._host.with_notified_routes(routes)
+        if changes and not everything and self._host is not None:
+            host = self._host.with_notified(changes)
         if host is None:
             self.invalidate_host()
             return
         self._host = host
-        self._touched = self._touched | {route.dst for _, route in routes}
-        log.debug("%d route notification(s) folded into the host snapshot", len(routes))
+        self._touched = self._touched | {route.dst for route in routes}
+        log.debug("%d netlink notification(s) folded into the host snapshot", len(changes))
 
     def warm(self):
         """Read the host now, while idle, if the snapshot is stale (after our own changes),
@@ -141,7 +147,9 @@ class Reconciler:
                 return set(due[position:]), exc
         return set(), None
 
-    def compute(self, host):
+    def compute(self, host, neighbours_current=True):
+        """The Outcome for `host`; `neighbours_current` False: its neighbour entries are
+        as last read, and those the plan may need are read again first."""
         want = desired_state.compute(self.config, self.view.networks(), host, self.memo)
         # The last plan carried out, if the host is still the one it led to: then only
         # the destinations changed since (in Docker's view or by our own changes) are
@@ -150,25 +158,45 @@ class Reconciler:
         scope = None
         if previous is not None and host is self._host and want.changed is not None:
             scope = want.changed | self._touched
+        if not neighbours_current:
+            host, scope = self._with_neighbours(host, want, scope)
         plan = plan_mod.compute(want, host, self.view.protection(), previous, scope)
         problems = self.view.problems() + want.problems + plan.problems
         return Outcome(desired=want, plan=plan, host=host, problems=problems)
 
+    def _with_neighbours(self, host, want, scope):
+        """(host, scope) with the neighbour entries a plan may turn into a NeighDel read
+        afresh (they change without a notification the monitor follows): every entry for
+        a full plan; for a scoped one, those on the shims of its destinations whose
+        container's MAC is known, and none without such a destination (a disconnect).
+        An entry that moved puts its destination in the scope."""
+        shims = None
+        if scope is not None:
+            shims = {spec.shim for spec in map(want.routes.get, scope)
+                     if spec is not None and spec.mac}
+            if not shims:
+                return host, scope
+        links = host.links if shims is None else tuple(
+            link for link in host.links if link.name in shims)
+        found = tuple(n for n in self.netlink.neighbours(links)
+                      if shims is None or n.ifname in shims)
+        if shims is not None:
+            found += tuple(n for n in host.neighbours if n.ifname not in shims)
+        moved = set(found) ^ set(host.neighbours)
+        if not moved:
+            return host, scope
+        fresh = host.with_neighbours(found)
+        if host is self._host:
+            self._host = fresh
+        if scope is not None:
+            scope = scope | {ipaddress.ip_network(n.ip) for n in moved}
+        return fresh, scope
+
     def assess(self):
-        """What a reconcile would do now, without doing it. Neighbour entries are read
-        afresh: they change without a netlink event the monitor follows."""
-        host = self._host
-        if host is None:
+        """What a reconcile would do now, without doing it."""
+        if self._host is None:
             return self.compute(self.netlink.read())
-        neighbours = self.netlink.neighbours(host.links)
-        moved = set(neighbours) ^ set(host.neighbours)
-        if moved:
-            # The snapshot takes them, and the plan looks again at their destinations
-            # (a stale MAC there is a NeighDel).
-            self._host = host.with_neighbours(neighbours)
-            self._touched = self._touched | {
-                ipaddress.ip_network(n.ip) for n in moved}
-        return self.compute(self._host)
+        return self.compute(self._host, neighbours_current=False)
 
     def apply(self, outcome):
         """Carry out the outcome's plan; sets outcome.failed to the number of failed changes."""
@@ -181,9 +209,15 @@ class Reconciler:
             self._touched = frozenset(
                 a.spec.dst if isinstance(a, plan_mod.RouteReplace) else a.route.dst
                 for a in outcome.plan.actions)
-        self._watched_names = frozenset(
+        watched = frozenset(
             set(outcome.desired.shims) | set(plan_mod.owned_shims(host))
             | {m.network.parent for m in outcome.desired.networks if m.network.parent})
+        if not watched <= self._watched_names:
+            # Notifications of a link nobody watched were not folded (a new network's
+            # parent, its address): the host must be read again (see watching_more).
+            self.invalidate_host()
+            self.watching_more = True
+        self._watched_names = watched
         self._watch(host)
 
 

@@ -43,6 +43,8 @@ connects = st.tuples(st.just("connect"), st.sampled_from(sorted(NETWORKS)),
 disconnects = st.tuples(st.just("disconnect"), st.sampled_from(sorted(NETWORKS)),
                         st.sampled_from(NAMES))
 removals = st.tuples(st.just("remove"), st.sampled_from(sorted(NETWORKS)))
+# A network read again without a change: a new object with the same endpoint objects.
+rereads = st.tuples(st.just("reread"), st.sampled_from(sorted(NETWORKS)))
 host_changes = st.tuples(st.just("host address"), st.sampled_from(POOL))
 default_routes = st.tuples(st.just("default route"),
                            st.sampled_from((None, "eth0", "eth1", "eth2")))
@@ -50,8 +52,8 @@ default_routes = st.tuples(st.just("default route"),
 neighbours = st.tuples(st.just("neighbour"), st.sampled_from(SHIMS),
                        st.sampled_from(("198.51.100.130", "198.51.100.131", "203.0.113.130")),
                        st.sampled_from(MACS[1:]))
-events = st.lists(st.one_of(connects, disconnects, removals, host_changes, default_routes,
-                            neighbours), max_size=25)
+events = st.lists(st.one_of(connects, disconnects, removals, rereads, host_changes,
+                            default_routes, neighbours), max_size=25)
 
 
 def build(state):
@@ -62,7 +64,8 @@ def build(state):
 
 def step(state, objects, h, event):
     """Apply one event to the state; networks it did not touch keep their objects, as
-    view.View keeps them."""
+    view.View keeps them, and a network read again keeps the objects of the endpoints
+    that did not change, as docker_source keeps them."""
     kind = event[0]
     if kind == "host address":
         extra = Address("eth2", iface(f"{event[1]}/32"))
@@ -85,11 +88,14 @@ def step(state, objects, h, event):
         state.setdefault(name, {})[event[2]] = (event[3], event[4], event[5])
     elif kind == "disconnect":
         state.get(name, {}).pop(event[2], None)
-    else:
+    elif kind == "remove":
         state.pop(name, None)
     objects = {n: objects.get(n) for n in state}
     if name in state:
-        objects[name] = build({name: state[name]})[0]
+        fresh = build({name: state[name]})[0]
+        before = {e: e for e in objects[name].endpoints} if objects[name] else {}
+        objects[name] = dataclasses.replace(fresh, endpoints=tuple(
+            before.get(e, e) for e in fresh.endpoints))
     return objects, h
 
 
@@ -134,6 +140,10 @@ def test_a_plan_scoped_to_what_changed_is_the_full_plan(sequence):
             # looks again at their destinations.
             moved = set(changed_host.neighbours) ^ set(h.neighbours)
             h, touched = changed_host, touched | {ipaddress.ip_network(n.ip) for n in moved}
+        elif event[0] == "host address":
+            # As Reconciler.host_changed: an address notification keeps the last plan,
+            # whose inputs (the shims, their addresses) the next one compares.
+            h = changed_host
         elif changed_host is not h:
             h, previous = changed_host, None
         want = desired.compute(Config(), sorted(objects.values(), key=lambda n: n.name), h,
@@ -193,7 +203,7 @@ def test_the_daemon_s_snapshot_after_its_own_changes_is_the_kernel_s(sequence):
                 r for r in netlink.host.routes if r not in gone))
             if event[1]:
                 for route in gone:
-                    d.reconciler.news.route(False, dataclasses.replace(
+                    d.reconciler.news.add("route", False, dataclasses.replace(
                         route, ifname=netlink.host.link(route.ifname).index))
             d.triggers.put((daemon_mod.HOST, None))
         else:
@@ -233,11 +243,47 @@ def test_a_default_route_notification_moves_a_network_without_parent_at_once():
     moved = default_route("eth1")
     netlink.host = dataclasses.replace(netlink.host, routes=tuple(
         r for r in netlink.host.routes if r.dst.prefixlen) + (moved,))
-    d.reconciler.news.route(True, dataclasses.replace(
+    d.reconciler.news.add("route", True, dataclasses.replace(
         moved, ifname=netlink.host.link("eth1").index))
     d.triggers.put((daemon_mod.HOST, None))
     d.step()
     shims = {r.ifname for r in netlink.host.routes if r.owned}
     assert shims == {desired.default_shim_name("eth1")}
+    fresh = desired.compute(Config(), [lan], netlink.host)
+    assert plan.compute(fresh, netlink.host).actions == ()
+
+
+def test_neighbours_are_read_for_a_plan_that_may_need_a_neigh_del_only():
+    """A connect whose container's MAC is known reads the entries on its shim (a stale
+    one there is a NeighDel); a disconnect reads none; the outcome is the full one."""
+    lan = network("lan", parent="eth0")
+    docker = FakeDocker(lan)
+    d, netlink, _ = make(docker)
+    d.triggers.put((daemon_mod.DOCKER, "all"))
+    d.step()
+    d.reconciler.warm()
+    # A pass with nothing to do: its plan is the one the next ones are scoped by.
+    d.triggers.put((daemon_mod.DOCKER, lan.id))
+    d.step()
+    read = []
+    kernel_neighbours = netlink.neighbours
+    netlink.neighbours = lambda links: read.append({l.name for l in links}) or \
+        kernel_neighbours(links)
+    shim = desired.default_shim_name("eth0")
+    stale = Neighbour(shim, ipaddress.ip_address("198.51.100.130"), MACS[2])
+    netlink.host = netlink.host.with_neighbours((stale,))
+
+    docker.networks[lan.id] = dataclasses.replace(lan, endpoints=(
+        endpoint("a", "198.51.100.130", mac=MACS[1]),))
+    d.triggers.put((daemon_mod.DOCKER, lan.id))
+    d.step()
+    assert read == [{shim}]
+    assert plan.NeighDel(shim, stale.ip) in netlink.applied
+
+    del read[:]
+    docker.networks[lan.id] = lan
+    d.triggers.put((daemon_mod.DOCKER, lan.id))
+    d.step()
+    assert read == [], "a disconnect needs no neighbour entry"
     fresh = desired.compute(Config(), [lan], netlink.host)
     assert plan.compute(fresh, netlink.host).actions == ()
