@@ -94,8 +94,8 @@ def kernel_step(links, addresses, op, next_index):
         addresses[:] = [a for a in addresses if a.ifname != link.name]
         return told + [("link", False, link)]
     entry = Address(link.name, iface(op[2]), tentative=op[4])
-    addresses[:] = [a for a in addresses if (a.ifname, a.interface) != (link.name,
-                                                                          entry.interface)]
+    key = (link.name, entry.interface)
+    addresses[:] = [a for a in addresses if (a.ifname, a.interface) != key]
     if op[3]:
         addresses.append(entry)
     return [("address", op[3], dataclasses.replace(entry, ifname=link.index))]

@@ -267,7 +267,7 @@ def test_neighbours_are_read_for_a_plan_that_may_need_a_neigh_del_only():
     d.step()
     read = []
     kernel_neighbours = netlink.neighbours
-    netlink.neighbours = lambda links: read.append({l.name for l in links}) or \
+    netlink.neighbours = lambda links: read.append({link.name for link in links}) or \
         kernel_neighbours(links)
     shim = desired.default_shim_name("eth0")
     stale = Neighbour(shim, ipaddress.ip_address("198.51.100.130"), MACS[2])
