@@ -473,6 +473,10 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
         if network.driver == IPVLAN and reuse and not configured:
             problems.append(_no_reuse_on_ipvlan(network, subnet, parent, reuse[0]))
             return None
+        if network.driver == IPVLAN and configured and configured[0] in host_ips:
+            problems.append(_no_reuse_on_ipvlan(network, subnet, parent, configured[0],
+                                                host_ips[configured[0]]))
+            return None
         if configured or reuse:
             address = (configured or reuse)[0]
             return _checked(address, "MACVLAN_BRIDGE_IP" if configured else None, network,
@@ -499,15 +503,19 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
     return generated
 
 
-def _no_reuse_on_ipvlan(network, subnet, parent, address):
+def _no_reuse_on_ipvlan(network, subnet, parent, address, configured_on=None):
+    """`configured_on`: the host's interface that holds MACVLAN_BRIDGE_IP=`address`, when
+    the setting names a host address rather than the shim reusing one by default."""
     # Measured in a VM: see README.md, "ipvlan networks".
+    what = (f"MACVLAN_BRIDGE_IP={address} is this host's address on {configured_on}, and "
+            if configured_on else "")
     return Problem(
-        f"network {network.name} ({subnet} on {parent}) is skipped: an ipvlan shim cannot "
-        f"reuse the host's address {address}, since ipvlan hands every packet to the child "
-        f"that holds its destination address: the host's own traffic to {address} would "
-        f"arrive on the shim instead of {parent}. Set MACVLAN_BRIDGE_IP to a free address "
-        f"of {subnet} for the shim (and keep Docker off it with --aux-address)",
-        network.name, kind="warning")
+        f"network {network.name} ({subnet} on {parent}) is skipped: {what}an ipvlan shim "
+        f"cannot reuse the host's address {address}, since ipvlan hands every packet to the "
+        f"child that holds its destination address: the host's own traffic to {address} "
+        f"would arrive on the shim instead of {configured_on or parent}. Set "
+        f"MACVLAN_BRIDGE_IP to a free address of {subnet} for the shim (and keep Docker off "
+        "it with --aux-address)", network.name, kind="error" if configured_on else "warning")
 
 
 def _checked(address, key, network, problems):

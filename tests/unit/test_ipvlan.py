@@ -106,6 +106,15 @@ def test_ipvlan_shim_never_reuses_the_hosts_address():
     assert "MACVLAN_BRIDGE_IP" in problem.message
 
 
+def test_ipvlan_shim_is_not_given_a_host_address_by_the_setting_either():
+    lan = ipvlan(endpoints=[endpoint("web", "198.51.100.130")])
+    want = desired.compute(Config(bridge_ips=(ip("198.51.100.2"),)), [lan], host())
+    assert want.shims == {} and want.routes == {}
+    (problem,) = want.problems
+    assert problem.kind == "error" and problem.network == "ipnet"
+    assert "MACVLAN_BRIDGE_IP=198.51.100.2 is this host's address on eth0" in problem.message
+
+
 def test_ipvlan_ipv6_gets_its_own_address_as_macvlan_does():
     lan = ipvlan(subnets=("2001:db8:1::/64",), endpoints=[endpoint("web", v6="2001:db8:1::9")])
     want = desired.compute(Config(), [lan], host())
