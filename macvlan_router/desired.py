@@ -352,12 +352,16 @@ def _with_parent(network, host, problems):
 
 
 def _reachable(members, problems):
-    """The networks a shim can reach the containers of: ipvlan ones in a mode the shim can
-    share, whose children may talk to each other (ipvlan_flag bridge)."""
+    """The networks a shim can reach the containers of: macvlan ones in bridge mode, and
+    ipvlan ones in a mode the shim can share, whose children may talk to each other
+    (ipvlan_flag bridge)."""
     reachable = []
     for network in members:
         if network.driver != IPVLAN:
-            reachable.append(network)
+            if network.macvlan_mode in (None, "bridge"):
+                reachable.append(network)
+            else:
+                problems.append(_unreachable_macvlan(network))
         elif network.ipvlan_mode not in IPVLAN_MODES:
             problems.append(Problem(
                 f"network {network.name} has ipvlan_mode={network.ipvlan_mode}, which "
@@ -375,6 +379,20 @@ def _reachable(members, problems):
         else:
             reachable.append(network)
     return reachable
+
+
+def _unreachable_macvlan(network):
+    why = {"private": "its containers cannot talk to the other macvlan children of "
+                      f"{network.parent}",
+           "vepa": "its containers reach the other macvlan children only through a LAN "
+                   "switch that sends frames back where they came from",
+           "passthru": f"its container must be the only child of {network.parent}: a shim "
+                       "there would keep it from starting"}.get(
+        network.macvlan_mode, "macvlan-router does not know that mode")
+    return Problem(
+        f"network {network.name} has macvlan_mode={network.macvlan_mode}: {why}, so a shim "
+        "cannot reach them; it is not served. Recreate it without macvlan_mode (bridge) to "
+        "reach its containers from this host", network.name, kind="warning")
 
 
 def _shim_kind(parent, members, name, host, problems):

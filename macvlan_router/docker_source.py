@@ -18,7 +18,7 @@ import requests
 
 from . import podman
 from .errors import DockerUnavailable
-from .model import IPVLAN, Endpoint, Network, Problem
+from .model import IPVLAN, MACVLAN, Endpoint, Network, Problem
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,7 @@ def to_network(raw, by_name, engine="Docker", known=None):
         driver=driver,
         ipvlan_mode=ipvlan_mode,
         ipvlan_flag=ipvlan_flag,
+        macvlan_mode=str(options.get("macvlan_mode") or "bridge") if driver == MACVLAN else None,
         parent=parent or None,
         subnets=tuple(_parsed(ipam, "Subnet", _prefix, bad)),
         endpoints=_endpoints(raw, name, problems, engine, known),

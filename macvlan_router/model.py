@@ -64,6 +64,8 @@ class Network:
     # "bridge"); None for other drivers.
     ipvlan_mode: Optional[str] = None
     ipvlan_flag: Optional[str] = None
+    # The macvlan driver's macvlan_mode, "bridge" when absent; None for other drivers.
+    macvlan_mode: Optional[str] = None
 
     @property
     def shim_kind(self):

@@ -60,10 +60,10 @@ def docker_shaped(record, containers=None):
         config.extend({"Subnet": prefix} for prefix in _lease_subnets(containers))
     options = {"parent": parent} if parent else {}
     libpod_options = record.get("options")
-    # netavark's ipvlan `mode` (l2 when absent, as in Docker) under Docker's key.
-    if (record.get("driver") == "ipvlan" and isinstance(libpod_options, dict)
-            and libpod_options.get("mode")):
-        options["ipvlan_mode"] = libpod_options["mode"]
+    # netavark's `mode` (l2 or bridge when absent, as in Docker) under Docker's key.
+    mode_key = {"ipvlan": "ipvlan_mode", "macvlan": "macvlan_mode"}.get(record.get("driver"))
+    if mode_key and isinstance(libpod_options, dict) and libpod_options.get("mode"):
+        options[mode_key] = libpod_options["mode"]
     shaped = {"Id": record.get("id"), "Name": record.get("name"), "Driver": record.get("driver"),
               "Options": options,
               "IPAM": {"Driver": ipam.get("driver") if isinstance(ipam, dict) else None,

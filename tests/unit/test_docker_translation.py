@@ -150,3 +150,11 @@ def test_the_mac_is_read_and_a_bad_one_left_out():
     network, problems = to_network(raw, {})
     assert [e.mac for e in network.endpoints] == ["02:42:c6:33:64:82", None]
     assert len(problems) == 1 and "MacAddress" in problems[0].message
+
+
+@pytest.mark.parametrize("options, mode", [
+    ({"parent": "eth0"}, "bridge"), ({"parent": "eth0", "macvlan_mode": ""}, "bridge"),
+    ({"parent": "eth0", "macvlan_mode": "passthru"}, "passthru")])
+def test_a_macvlan_network_has_its_macvlan_mode(options, mode):
+    network, _ = to_network(record(Options=options), {})
+    assert network.macvlan_mode == mode

@@ -248,3 +248,26 @@ def test_a_refused_ipvlan_shim_says_what_to_do(code, words):
     text = netlink._reason(NetlinkError(code, "refused"), action)
     assert text.startswith("refused: ") and words in text
     assert "MACVLAN_DOCKER_NETWORK" in text
+
+
+@pytest.mark.parametrize("mode, words", [
+    ("private", "cannot talk to the other macvlan children of eth0"),
+    ("vepa", "only through a LAN switch"),
+    ("passthru", "a shim there would keep it from starting"),
+])
+def test_macvlan_networks_a_shim_cannot_reach_are_skipped(mode, words):
+    lan = network(macvlan_mode=mode, endpoints=[endpoint("web", "198.51.100.130")])
+    want = desired.compute(Config(), [lan], host())
+    assert want.shims == {} and want.routes == {}
+    (problem,) = want.problems
+    assert problem.kind == "warning" and f"macvlan_mode={mode}" in problem.message
+    assert words in problem.message
+
+
+def test_a_bridge_mode_macvlan_network_is_served_beside_a_private_one():
+    web = network(macvlan_mode="bridge", endpoints=[endpoint("web", "198.51.100.130")])
+    private = network("iso", parent="eth0", subnets=("203.0.113.0/24",),
+                      macvlan_mode="private", endpoints=[endpoint("db", "203.0.113.130")])
+    want = desired.compute(Config(), [web, private], host())
+    assert list(want.routes) == [net("198.51.100.130/32")]
+    assert [p.network for p in want.problems] == ["iso"]

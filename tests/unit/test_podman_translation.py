@@ -230,6 +230,8 @@ def test_an_ipvlan_network_keeps_the_mode_netavark_was_given(options, mode):
     assert (network.driver, network.ipvlan_mode) == ("ipvlan", mode), problems
 
 
-def test_a_macvlan_networks_mode_option_is_not_taken_for_an_ipvlan_mode():
-    network, _ = translated(dict(LIBPOD, options={"mode": "bridge"}))
-    assert network.ipvlan_mode is None
+@pytest.mark.parametrize("options, mode", [
+    ({"mode": "private"}, "private"), ({"mode": "bridge"}, "bridge"), ({}, "bridge")])
+def test_a_macvlan_networks_mode_is_its_macvlan_mode(options, mode):
+    network, _ = translated(dict(LIBPOD, options=options))
+    assert (network.macvlan_mode, network.ipvlan_mode) == (mode, None)
