@@ -269,8 +269,8 @@ def _compute(config, networks, host, memo, patched):
         for network_id in memo.networks.keys() - fresh.keys():
             _patch(routes, memo.networks[network_id], None)
 
-    _outside_addresses(config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
-    _outside_addresses(config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
+    _outside_addresses(config, config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
+    _outside_addresses(config, config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
     free = [prefix for prefix in config.additional_routes if prefix not in routes]
     _additional_routes(config.additional_routes, shims, managed, facts, routes, problems)
     changed = _changed(memo.networks, fresh, config) if memo.networks else None
@@ -748,15 +748,20 @@ def _want_route(spec, facts, refused, kind="warning"):
     return None
 
 
-def _outside_addresses(configured, key, networks, problems):
+def _outside_addresses(config, configured, key, networks, problems):
     subnets = [s for n in networks for s in n.subnets]
+    # Only a fixed list of names makes the set of networks the configuration's own: with
+    # every network or a label served, a `docker network rm` must not stop the next start.
+    fixed = bool(config.networks) and not any(s.is_label for s in config.networks)
     for address in configured:
         if not any(address in subnet for subnet in subnets):
             listing = ", ".join(f"{n.name}: {s}" for n in networks for s in n.subnets) \
                 or "none"
             problems.append(Problem(
                 f"{key}={address} lies in none of the managed networks' subnets "
-                f"({listing}); use a free address inside one of them"))
+                f"({listing}); use a free address inside one of them"
+                + ("" if fixed else ", or remove it if its network is gone"),
+                kind="error" if fixed else "warning"))
 
 
 def _additional_routes(prefixes, shims, managed, facts, routes, problems):

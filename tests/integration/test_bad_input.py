@@ -62,10 +62,11 @@ CASES = {
                         ["MACVLAN_BRIDGE_IP", "198.51.100.300"], True),
     "invalid-address6": (_lan_net, {"MACVLAN_BRIDGE_IP6": "2001:db8:1::zz"},
                          ["MACVLAN_BRIDGE_IP6", "2001:db8:1::zz"], True),
-    "out-of-subnet": (_lan_net, {"MACVLAN_BRIDGE_IP": "203.0.113.50"},
-                      ["203.0.113.50"], False),
-    "out-of-subnet6": (_lan_net6, {"MACVLAN_BRIDGE_IP6": "2001:db8:9::5"},
-                       ["2001:db8:9::5"], False),
+    # With networks named: the set of networks is the configuration's own.
+    "out-of-subnet": (_lan_net, {"MACVLAN_BRIDGE_IP": "203.0.113.50",
+                                 "MACVLAN_DOCKER_NETWORK": "lan"}, ["203.0.113.50"], False),
+    "out-of-subnet6": (_lan_net6, {"MACVLAN_BRIDGE_IP6": "2001:db8:9::5",
+                                   "MACVLAN_DOCKER_NETWORK": "lan"}, ["2001:db8:9::5"], False),
     "name-too-long": (_lan_net, {"MACVLAN_BRIDGE_INTERFACE_NAME": "mvr-0123456789ab"},
                       ["MACVLAN_BRIDGE_INTERFACE_NAME", "mvr-0123456789ab"], True),
     "unknown-network": (_lan_net, {"MACVLAN_DOCKER_NETWORK": "nosuchnet"},
@@ -137,6 +138,9 @@ WARNED = {
     "missing-parent": (_missing_parent, {"MACVLAN_DOCKER_NETWORK": "gone"}, ["lanx"]),
     "clash-explicit": (_clash_explicit, {"MACVLAN_BRIDGE_IP": "198.51.100.140"},
                        ["198.51.100.140", "c1"]),
+    # Serving every network: the address's network may have been removed since.
+    "out-of-subnet-all-networks": (_lan_net, {"MACVLAN_BRIDGE_IP": "203.0.113.50"},
+                                   ["203.0.113.50", "remove it if its network is gone"]),
 }
 
 

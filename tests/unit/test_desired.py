@@ -1,3 +1,5 @@
+import pytest
+
 from macvlan_router import desired
 from macvlan_router.config import Config, Selector
 from macvlan_router.model import Address
@@ -42,9 +44,19 @@ def test_no_host_address_in_subnet_is_reported_and_skipped():
     assert "MACVLAN_BRIDGE_IP" in problem.message
 
 
-def test_out_of_subnet_bridge_ip_is_reported():
-    result = compute(Config(bridge_ips=(ip("203.0.113.5"),)), [network()])
-    assert any("MACVLAN_BRIDGE_IP=203.0.113.5 lies in none" in m for m in errors(result))
+@pytest.mark.parametrize("selectors, kind", [
+    ((Selector("lan"),), "error"),
+    ((), "warning"),
+    ((Selector("label=lan", "lan"), Selector("lan")), "warning"),
+])
+def test_out_of_subnet_bridge_ip_is_an_error_only_with_a_fixed_list_of_networks(
+        selectors, kind):
+    """With every network or a label served, the address may belong to a network removed
+    since: the next start must not stop on it."""
+    result = compute(Config(networks=selectors, bridge_ips=(ip("203.0.113.5"),)), [network()])
+    (problem,) = [p for p in result.problems if "MACVLAN_BRIDGE_IP=203.0.113.5 lies in none"
+                  in p.message]
+    assert problem.kind == kind
 
 
 def test_container_holding_the_host_address_is_not_routed():
