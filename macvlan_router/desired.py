@@ -269,10 +269,14 @@ def _compute(config, networks, host, memo, patched):
         for network_id in memo.networks.keys() - fresh.keys():
             _patch(routes, memo.networks[network_id], None)
 
-    _outside_addresses(config, config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
-    _outside_addresses(config, config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
+    # Only a fixed list of names makes the set of networks the configuration's own: with
+    # every network or a label served, a `docker network rm` must not stop the next start.
+    fixed = bool(config.networks) and not any(s.is_label for s in config.networks)
+    _outside_addresses(fixed, config.bridge_ips, "MACVLAN_BRIDGE_IP", networks, problems)
+    _outside_addresses(fixed, config.bridge_ip6s, "MACVLAN_BRIDGE_IP6", networks, problems)
     free = [prefix for prefix in config.additional_routes if prefix not in routes]
-    _additional_routes(config.additional_routes, shims, managed, facts, routes, problems)
+    _additional_routes(fixed, config.additional_routes, shims, managed, facts, routes,
+                       problems)
     changed = _changed(memo.networks, fresh, config) if memo.networks else None
     memo.networks, memo.sources = fresh, sources_memo
     if patched is not None or clean:
@@ -748,11 +752,9 @@ def _want_route(spec, facts, refused, kind="warning"):
     return None
 
 
-def _outside_addresses(config, configured, key, networks, problems):
+def _outside_addresses(fixed, configured, key, networks, problems):
+    """`fixed`: the networks are the configuration's own (named), so this is its error."""
     subnets = [s for n in networks for s in n.subnets]
-    # Only a fixed list of names makes the set of networks the configuration's own: with
-    # every network or a label served, a `docker network rm` must not stop the next start.
-    fixed = bool(config.networks) and not any(s.is_label for s in config.networks)
     for address in configured:
         if not any(address in subnet for subnet in subnets):
             listing = ", ".join(f"{n.name}: {s}" for n in networks for s in n.subnets) \
@@ -764,7 +766,7 @@ def _outside_addresses(config, configured, key, networks, problems):
                 kind="error" if fixed else "warning"))
 
 
-def _additional_routes(prefixes, shims, managed, facts, routes, problems):
+def _additional_routes(fixed, prefixes, shims, managed, facts, routes, problems):
     subnets = [(s, m.shim) for m in managed if m.shim in shims for s in m.network.subnets]
     for prefix in prefixes:
         family = [(subnet, shim) for subnet, shim in subnets if subnet.version == prefix.version]
@@ -777,7 +779,7 @@ def _additional_routes(prefixes, shims, managed, facts, routes, problems):
                     if not candidates else
                     f"it lies outside every managed subnet and there are several shims "
                     f"({', '.join(candidates)}) to choose from; list a prefix inside one of "
-                    "the networks' subnets")))
+                    "the networks' subnets"), kind="error" if fixed else "warning"))
             continue
         shim = shims[candidates[0]]
         own = sorted(a.ip for a in shim.addresses if a.version == prefix.version)
