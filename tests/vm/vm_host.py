@@ -45,6 +45,7 @@ IMAGE_PACKAGES = (
     "docker.io", "docker-cli", "busybox-static", "iproute2", "procps", "tar",
 )
 IMAGE_SIZE = "4G"
+STALE_AFTER = 86400       # seconds an image of another recipe is kept after its last use
 RESULTS_SIZE = 64 << 20
 # The parent the image's systemd-networkd manages (tests/vm/guest/check_macvlan.py uses it):
 # a dummy link, since the guest has no network card; macvlan children in bridge mode reach
@@ -136,10 +137,16 @@ def cached_image(log=print):
     e2e.CACHE_DIR.mkdir(parents=True, exist_ok=True)
     dest = e2e.CACHE_DIR / f"vm-{SUITE}-{image_key()}"
     if (dest / "root.raw").is_file():
+        os.utime(dest)              # last used: other checkouts' images age from there
         return dest, True
     for stale in e2e.CACHE_DIR.glob(f"vm-{SUITE}-*"):
         m = re.search(r"\.(\d+)\.tmp$", stale.name)
-        if not m or not lab.pid_alive(int(m.group(1))):
+        if m:
+            gone = not lab.pid_alive(int(m.group(1)))
+        else:
+            # Another recipe's image may serve another checkout on this machine right now.
+            gone = time.time() - stale.stat().st_mtime > STALE_AFTER
+        if gone:
             lab.remove_tree(stale)
     work = e2e.CACHE_DIR / f"build-{os.getpid()}"
     tmp = dest.with_name(dest.name + f".{os.getpid()}.tmp")
