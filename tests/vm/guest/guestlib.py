@@ -17,7 +17,8 @@ The API, kept small on purpose:
   busybox_image()              the image "bb:latest" (docker import of busybox-static)
   container(name, network, ip, *more)     a sleeping container, --restart=always
   config_add(KEY, *values), config_remove(KEY, *values)
-                               edit a list key of /etc/default/macvlan-router, then reload
+                               edit a list key of /etc/default/macvlan-router, reload
+                               (or start the service, when a bad value stopped it)
   link(name), routes(dev=None), addresses(dev)   what the kernel has (ip -j)
   ping(addr), container_ping(container, addr)    one round trip, True/False
   unit_show(unit, *props), journal(*args)        systemd's view
@@ -147,7 +148,7 @@ def container(name, network, ip, *more):
 
 def config_add(key, *values):
     """Append values to the space-separated list KEY in /etc/default/macvlan-router (check
-    files share that file: never overwrite it), then `systemctl reload macvlan-router`."""
+    files share that file: never overwrite it), then reload macvlan-router."""
     _config_edit(key, lambda old: old + [v for v in values if v not in old])
 
 
@@ -166,7 +167,8 @@ def _config_edit(key, change):
     else:
         lines[index] = line
     CONFIG.write_text("\n".join(lines) + "\n")
-    run("systemctl", "reload", "macvlan-router")
+    # Starts it too when a bad value had stopped it.
+    run("systemctl", "reload-or-restart", "macvlan-router", timeout=SETTLE)
 
 
 def link(name):
