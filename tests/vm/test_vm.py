@@ -66,6 +66,8 @@ def test_guest_check(results, check, phase):
         print(line)
     print(f"{check} --phase {phase}: exit {rc[:1]}, {rc[1:2]} s")
     failed = [line for line in lines if line.startswith("FAIL ")]
-    assert not failed, "\n".join(failed) + f"\n\nfull output:\n{out[-6000:]}"
+    assert not failed, ("\n".join(failed) + f"\n\nfull output:\n{out[-6000:]}\n\n"
+                        "journal of the second boot (macvlan-router, docker, networkd):\n"
+                        + files.get("results/journal.out", "(none)")[-8000:])
     assert lines, f"{check} --phase {phase} printed no check line:\n{out[-3000:]}"
     assert rc[:1] == ["0"], f"{check} --phase {phase} exited {rc}:\n{out[-3000:]}"

@@ -38,13 +38,14 @@ import lab  # noqa: E402  (tests/lab.py: process and tree helpers)
 
 SUITE = "trixie"
 # Bump when anything _prepare_image does changes (the package list is part of the key).
-IMAGE_RECIPE = "1"
+IMAGE_RECIPE = "2"
 IMAGE_PACKAGES = (
     "linux-image-amd64", "initramfs-tools", "systemd", "systemd-sysv", "udev", "kmod",
     "apparmor", "dbus", "python3", "python3-docker", "python3-pyroute2", "python3-systemd",
     "docker.io", "docker-cli", "busybox-static", "iproute2", "procps", "tar",
 )
 IMAGE_SIZE = "4G"
+STALE_AFTER = 86400       # seconds an image of another recipe is kept after its last use
 RESULTS_SIZE = 64 << 20
 # The parent the image's systemd-networkd manages (tests/vm/guest/check_macvlan.py uses it):
 # a dummy link, since the guest has no network card; macvlan children in bridge mode reach
@@ -70,6 +71,10 @@ ExecStartPre=/bin/mkdir -p /mnt/src /mnt/run
 ExecStartPre=/bin/mount -t 9p -o trans=virtio,version=9p2000.L,ro src /mnt/src
 ExecStartPre=/bin/mount -t 9p -o trans=virtio,version=9p2000.L,ro run /mnt/run
 ExecStart=/usr/bin/python3 /mnt/src/tests/vm/guest/runner.py
+# The runner names the next step (reboot after boot1, poweroff after boot2) and exits: a
+# oneshot still running when the reboot stops it counts as failed (SIGTERM is clean only
+# for daemons), and FailureAction= would turn the reboot into a poweroff.
+ExecStopPost=/bin/sh -c 'systemctl --no-block "$(cat /run/mvr-vm-next || echo poweroff)"'
 StandardOutput=journal+console
 StandardError=journal+console
 TimeoutStartSec=1800
@@ -132,10 +137,16 @@ def cached_image(log=print):
     e2e.CACHE_DIR.mkdir(parents=True, exist_ok=True)
     dest = e2e.CACHE_DIR / f"vm-{SUITE}-{image_key()}"
     if (dest / "root.raw").is_file():
+        os.utime(dest)              # last used: other checkouts' images age from there
         return dest, True
     for stale in e2e.CACHE_DIR.glob(f"vm-{SUITE}-*"):
         m = re.search(r"\.(\d+)\.tmp$", stale.name)
-        if not m or not lab.pid_alive(int(m.group(1))):
+        if m:
+            gone = not lab.pid_alive(int(m.group(1)))
+        else:
+            # Another recipe's image may serve another checkout on this machine right now.
+            gone = time.time() - stale.stat().st_mtime > STALE_AFTER
+        if gone:
             lab.remove_tree(stale)
     work = e2e.CACHE_DIR / f"build-{os.getpid()}"
     tmp = dest.with_name(dest.name + f".{os.getpid()}.tmp")

@@ -16,7 +16,9 @@ The API, kept small on purpose:
   wait_until(cond, timeout, desc=...)     a bounded poll; returns cond()'s truthy value
   busybox_image()              the image "bb:latest" (docker import of busybox-static)
   container(name, network, ip, *more)     a sleeping container, --restart=always
-  config_add(KEY, *values)     append to a list key of /etc/default/macvlan-router, reload
+  config_add(KEY, *values), config_remove(KEY, *values)
+                               edit a list key of /etc/default/macvlan-router, reload
+                               (or start the service, when a bad value stopped it)
   link(name), routes(dev=None), addresses(dev)   what the kernel has (ip -j)
   ping(addr), container_ping(container, addr)    one round trip, True/False
   unit_show(unit, *props), journal(*args)        systemd's view
@@ -146,17 +148,27 @@ def container(name, network, ip, *more):
 
 def config_add(key, *values):
     """Append values to the space-separated list KEY in /etc/default/macvlan-router (check
-    files share that file: never overwrite it), then `systemctl reload macvlan-router`."""
+    files share that file: never overwrite it), then reload macvlan-router."""
+    _config_edit(key, lambda old: old + [v for v in values if v not in old])
+
+
+def config_remove(key, *values):
+    """Take values out of the list KEY again, then reload."""
+    _config_edit(key, lambda old: [v for v in old if v not in values])
+
+
+def _config_edit(key, change):
     lines = CONFIG.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if line.startswith(f"{key}="):
-            old = line.split("=", 1)[1].strip().strip('"').split()
-            lines[i] = f'{key}="{" ".join(old + list(values))}"'
-            break
+    index = next((i for i, line in enumerate(lines) if line.startswith(f"{key}=")), None)
+    old = [] if index is None else lines[index].split("=", 1)[1].strip().strip('"').split()
+    line = f'{key}="{" ".join(change(old))}"'
+    if index is None:
+        lines.append(line)
     else:
-        lines.append(f'{key}="{" ".join(values)}"')
+        lines[index] = line
     CONFIG.write_text("\n".join(lines) + "\n")
-    run("systemctl", "reload", "macvlan-router")
+    # Starts it too when a bad value had stopped it.
+    run("systemctl", "reload-or-restart", "macvlan-router", timeout=SETTLE)
 
 
 def link(name):

@@ -3,7 +3,8 @@
 First boot: install /mnt/run/macvlan-router.deb with apt (offline: its dependencies are in
 the image), run every tests/vm/guest/check_*.py with --phase boot1, reboot. Second boot:
 run them with --phase boot2, write /var/lib/mvr-vm/results to /dev/vdb as a tar stream,
-power off. Every step is bounded; what a step prints goes to the results and the console.
+power off: once this exits, the unit's ExecStopPost does what /run/mvr-vm-next says.
+Every step is bounded; what a step prints goes to the results and the console.
 """
 
 import os
@@ -16,6 +17,7 @@ GUEST = Path(__file__).resolve().parent
 VAR = Path("/var/lib/mvr-vm")
 RESULTS = VAR / "results"
 PHASE_FILE = VAR / "phase"
+NEXT = Path("/run/mvr-vm-next")   # what the unit's ExecStopPost does once we exited
 DEB = Path("/mnt/run/macvlan-router.deb")
 CHECK_TIMEOUT = 900
 ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root",
@@ -66,11 +68,14 @@ def main():
                                  "journalctl --flush"], 60)
         step("install", ["apt-get", "install", "-y", "-q", "--no-install-recommends",
                          str(DEB)], 600)
+        step("versions", ["dpkg-query", "-W", "macvlan-router", "docker.io", "systemd",
+                          "linux-image-amd64", "python3", "python3-docker",
+                          "python3-pyroute2", "python3-systemd"], 60)
         run_checks("boot1")
         PHASE_FILE.write_text("boot2\n")
         os.sync()
         say("rebooting")
-        subprocess.run(["systemctl", "--no-block", "reboot"], timeout=60)
+        NEXT.write_text("reboot\n")
         return
     run_checks("boot2")
     step("journal", ["journalctl", "--no-pager", "-o", "short-monotonic", "-b", "-u",
@@ -80,7 +85,7 @@ def main():
     subprocess.run(["tar", "-C", str(VAR), "-cf", "/dev/vdb", "results"], timeout=120)
     os.sync()
     say("results written to /dev/vdb, powering off")
-    subprocess.run(["systemctl", "--no-block", "poweroff"], timeout=60)
+    NEXT.write_text("poweroff\n")
 
 
 if __name__ == "__main__":
