@@ -183,34 +183,22 @@ def after_reboot(r):
     with r.check("ipvlan-routes-back-after-reboot") as c:
         g.wait_until(lambda: shim_is_ipvlan_l2() and routed(), g.SETTLE,
                      desc=f"{SHIM} (ipvlan l2) and the route to {C4}")
-        added = [line for line in g.journal("-b", "-u", "macvlan-router", "-o", "cat")
-                 .splitlines() if "ip route replace" in line and C4 in line]
-        if not added:
-            raise g.CheckError(f"the journal of this boot has no route to {C4} added by "
-                               "macvlan-router")
-        c.detail = added[0]
+        c.detail = g.route_added_this_boot(C4)
     with r.check("ipvlan-reach-both-ways-after-reboot") as c:
         reachable()
         c.detail = f"host -> {C4}; {C} -> {SHIM4}, {HOST4}"
 
 
-def main():
-    phase = g.phase()
-    r = g.Report()
-    if phase == "boot1":
-        setup(r)
-        if r.failed:
-            return r.done()
+def boot1(r):
+    setup(r)
+    if not r.failed:
         host_traffic(r)
         repaired(r)
-    else:
-        after_reboot(r)
-    return r.done()
+
+
+def boot2(r):
+    after_reboot(r)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except subprocess.SubprocessError as e:
-        print(f"FAIL check_ipvlan {e}", flush=True)
-        sys.exit(1)
+    sys.exit(g.main("check_ipvlan", boot1, boot2))

@@ -14,7 +14,6 @@ route and reachability are back with nobody acting.
 """
 
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -209,12 +208,7 @@ def boot_order(r):
 def after_reboot(r):
     with r.check("routes-back-after-reboot") as c:
         g.wait_until(routed, g.SETTLE, desc=f"routes to {C4} and {C6} via {SHIM}")
-        added = [line for line in g.journal("-b", "-u", "macvlan-router", "-o", "cat")
-                 .splitlines() if "ip route replace" in line and C4 in line]
-        if not added:
-            raise g.CheckError(f"the journal of this boot has no route to {C4} added by "
-                               "macvlan-router")
-        c.detail = added[0]
+        c.detail = g.route_added_this_boot(C4)
     with r.check("reach-both-ways-after-reboot") as c:
         reachable()
         c.detail = f"host -> {C4}, {C6}; {C} -> {HOST4}"
@@ -225,25 +219,18 @@ def after_reboot(r):
         c.detail = f"{SHIM}: {state}"
 
 
-def main():
-    phase = g.phase()
-    r = g.Report()
-    if phase == "boot1":
-        setup(r)
-        if r.failed:
-            return r.done()
+def boot1(r):
+    setup(r)
+    if not r.failed:
         docker_restart(r)
         parent_flap(r)
         networkd(r)
-    else:
-        boot_order(r)
-        after_reboot(r)
-    return r.done()
+
+
+def boot2(r):
+    boot_order(r)
+    after_reboot(r)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except subprocess.SubprocessError as e:
-        print(f"FAIL check_macvlan {e}", flush=True)
-        sys.exit(1)
+    sys.exit(g.main("check_macvlan", boot1, boot2))

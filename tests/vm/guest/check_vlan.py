@@ -14,7 +14,6 @@ user's VLAN link is exactly as it was (index, state, addresses, MAC, MTU).
 """
 
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -176,15 +175,5 @@ def boot2(r):
         c.detail = f"{USER_VLAN} as it was: {after_service}"
 
 
-def main():
-    r = g.Report()
-    (boot1 if g.phase() == "boot1" else boot2)(r)
-    return r.done()
-
-
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except subprocess.SubprocessError as e:
-        print(f"FAIL check_vlan {e}", flush=True)
-        sys.exit(1)
+    sys.exit(g.main("check_vlan", boot1, boot2))

@@ -24,6 +24,8 @@ The API, kept small on purpose:
   unit_show(unit, *props), journal(*args)        systemd's view
   Watch(addr)                  while an event happens: a ping every 50 ms and `ip monitor`
   state_file(name)             a file that survives the reboot, for boot2 to read
+  route_added_this_boot(addr)  the journal line of this boot that added the route to addr
+  main(NAME, boot1, boot2)     runs a check file's phase: boot1(report) or boot2(report)
 Deadlines are REPAIR (a repair, under software emulation on a loaded machine) and SETTLE.
 """
 
@@ -219,6 +221,29 @@ def unit_show(unit, *props):
 
 def journal(*args):
     return run("journalctl", "--no-pager", *args, check=False, timeout=60).stdout
+
+
+def route_added_this_boot(address):
+    """The line of this boot's journal in which macvlan-router added its route to
+    `address`: proof that the route was made anew, not left from before."""
+    added = [line for line in journal("-b", "-u", "macvlan-router", "-o", "cat").splitlines()
+             if "ip route replace" in line and address in line]
+    if not added:
+        raise CheckError(f"the journal of this boot has no route to {address} added by "
+                         "macvlan-router")
+    return added[0]
+
+
+def main(name, boot1, boot2):
+    """A check file's exit status: boot1(report) or boot2(report), by the phase asked for.
+    A command that failed outside any check fails the file, with a line saying so."""
+    report = Report()
+    try:
+        (boot1 if phase() == "boot1" else boot2)(report)
+    except subprocess.SubprocessError as e:
+        print(f"FAIL {name} {e}", flush=True)
+        return 1
+    return report.done()
 
 
 def state_file(name):
