@@ -85,9 +85,8 @@ class Daemon:
 
     @property
     def engine(self):
-        """"Docker" or "Podman", for messages: who answers at DOCKER_HOST (a source that
-        cannot tell is taken for Docker)."""
-        return getattr(self.reconciler.docker, "engine", "Docker")
+        """"Docker" or "Podman", for messages: who answers at DOCKER_HOST."""
+        return self.reconciler.docker.engine
 
     def run(self):
         for signum in (signal.SIGTERM, signal.SIGINT):

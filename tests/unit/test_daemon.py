@@ -49,6 +49,7 @@ class Triggers:
 
 class FakeDocker:
     network_events = True
+    engine = "Docker"
 
     def __init__(self, *networks):
         self.networks = {n.id: n for n in networks}
