@@ -307,6 +307,7 @@ class PureDocker:
     """Docker's inspect answers as raw records, translated as DockerSource does."""
 
     network_events = True
+    engine = "Docker"
 
     def __init__(self, records):
         self.records = records
