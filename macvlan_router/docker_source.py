@@ -119,7 +119,11 @@ def to_network(raw, by_name, engine="Docker", known=None):
     if parent is not None and not isinstance(parent, str):
         parent = bad.skip("Options.parent", parent)
     ipam_driver, ipam = _ipam(source, bad)
-    driver = raw.get("Driver") if isinstance(raw.get("Driver"), str) else ""
+    driver = raw.get("Driver")
+    if not isinstance(driver, str) or not driver:
+        # Unreadable, the network is served by no one; the warning ties it to the network,
+        # so that the routes and shim it may have had are kept.
+        driver = bad.skip("Driver", driver, "not known") or ""
     ipvlan_mode, ipvlan_flag = _ipvlan_options(driver, options)
     return Network(
         id=net_id,

@@ -76,7 +76,8 @@ def test_a_bad_subnet_or_gateway_is_left_out_with_a_warning(key, value):
 
 @pytest.mark.parametrize("key, value", [("Labels", ["a", "b"]), ("Options", "x"),
                                         ("Containers", ["x"]), ("IPAM", 3),
-                                        ("ConfigFrom", "x")])
+                                        ("ConfigFrom", "x"), ("Driver", 3), ("Driver", ""),
+                                        ("Driver", None)])
 def test_a_field_of_the_wrong_type_is_ignored_with_a_warning(key, value):
     network, problems = to_network(record(**{key: value}), {})
     assert network is not None and problems and key in problems[0].message

@@ -107,3 +107,14 @@ def test_plan_deletes_outside_the_protected_subnets():
         "lan was read fine: its shim, not wanted, goes"
     kept = plan.compute(want, h, read(LAN, IOT).after_failed_inspect(LAN.id, "t").protection())
     assert kept.actions == ()
+
+
+def test_a_listed_network_whose_driver_cannot_be_read_keeps_its_routes():
+    """It is served by no one (not known to be macvlan or ipvlan), but its routes and shim
+    stay until Docker reports it correctly: a garbled field is no `docker network rm`."""
+    from macvlan_router.docker_source import to_network
+    raw = {"Id": "d" * 64, "Name": "lan", "Driver": 7, "Options": {"parent": "eth0"},
+           "IPAM": {"Config": [{"Subnet": "198.51.100.0/24"}]}}
+    network, problems = to_network(raw, {})
+    view = View().after_list(Listing((network,), tuple(problems)), ())
+    assert view.protection().covers(net("198.51.100.130/32"))
