@@ -27,6 +27,10 @@ class Outcome:
     host: Host
     failed: int = 0
     problems: tuple = field(default=())
+    # The destinations the plan looked at (None: all), and whether it was made on
+    # neighbour entries as last read (see Reconciler.apply).
+    scope: object = None
+    neighbours_stale: bool = False
 
     @property
     def errors(self):
@@ -68,9 +72,10 @@ class Reconciler:
         # then everything matters.
         self.watched = None
         self._watched_names = frozenset()
-        # True after an apply that watches links the snapshot did not follow: the daemon
+        # True after an apply that left what only a fresh read settles: links the
+        # snapshot did not follow, neighbour entries not looked at again. The daemon
         # then reconciles once more, on a fresh read.
-        self.watching_more = False
+        self.reread = False
 
     def invalidate_host(self):
         self._host, self._last_plan = None, None
@@ -149,7 +154,8 @@ class Reconciler:
 
     def compute(self, host, neighbours_current=True):
         """The Outcome for `host`; `neighbours_current` False: its neighbour entries are
-        as last read, and those the plan may need are read again first."""
+        as last read, and apply() reads those the plan may need again, once its routes
+        are in place (a route must not wait for that read)."""
         want = desired_state.compute(self.config, self.view.networks(), host, self.memo)
         # The last plan carried out, if the host is still the one it led to: then only
         # the destinations changed since (in Docker's view or by our own changes) are
@@ -158,24 +164,23 @@ class Reconciler:
         scope = None
         if previous is not None and host is self._host and want.changed is not None:
             scope = want.changed | self._touched
-        if not neighbours_current:
-            host, scope = self._with_neighbours(host, want, scope)
         plan = plan_mod.compute(want, host, self.view.protection(), previous, scope)
         problems = self.view.problems() + want.problems + plan.problems
-        return Outcome(desired=want, plan=plan, host=host, problems=problems)
+        return Outcome(desired=want, plan=plan, host=host, problems=problems,
+                       scope=scope, neighbours_stale=not neighbours_current)
 
-    def _with_neighbours(self, host, want, scope):
-        """(host, scope) with the neighbour entries a plan may turn into a NeighDel read
-        afresh (they change without a notification the monitor follows): every entry for
-        a full plan; for a scoped one, those on the shims of its destinations whose
+    def _moved_neighbours(self, host, want, scope):
+        """(host, destinations) with the neighbour entries a plan may turn into a NeighDel
+        read afresh (they change without a notification the monitor follows): every entry
+        for a full plan; for a scoped one, those on the shims of its destinations whose
         container's MAC is known, and none without such a destination (a disconnect).
-        An entry that moved puts its destination in the scope."""
+        The destinations are those whose entry moved."""
         shims = None
         if scope is not None:
             shims = {spec.shim for spec in map(want.routes.get, scope)
                      if spec is not None and spec.mac}
             if not shims:
-                return host, scope
+                return host, frozenset()
         links = host.links if shims is None else tuple(
             link for link in host.links if link.name in shims)
         found = tuple(n for n in self.netlink.neighbours(links)
@@ -184,13 +189,8 @@ class Reconciler:
             found += tuple(n for n in host.neighbours if n.ifname not in shims)
         moved = set(found) ^ set(host.neighbours)
         if not moved:
-            return host, scope
-        fresh = host.with_neighbours(found)
-        if host is self._host:
-            self._host = fresh
-        if scope is not None:
-            scope = scope | {ipaddress.ip_network(n.ip) for n in moved}
-        return fresh, scope
+            return host, frozenset()
+        return host.with_neighbours(found), frozenset(ipaddress.ip_network(n.ip) for n in moved)
 
     def assess(self):
         """What a reconcile would do now, without doing it."""
@@ -201,24 +201,44 @@ class Reconciler:
     def apply(self, outcome):
         """Carry out the outcome's plan; sets outcome.failed to the number of failed changes."""
         host = outcome.host
-        outcome.failed = self.netlink.apply(outcome.plan.actions, host, explain)
-        self._host = None if outcome.failed else plan_mod.after(host, outcome.plan.actions)
-        self._last_plan, self._touched = None, frozenset()
-        if self._host is not None:  # plan.after: route actions only
-            self._last_plan = outcome.plan
-            self._touched = frozenset(
-                a.spec.dst if isinstance(a, plan_mod.RouteReplace) else a.route.dst
-                for a in outcome.plan.actions)
+        outcome.failed = self._carry_out(outcome.plan, host)
+        if outcome.neighbours_stale and not outcome.failed:
+            if self._host is None:
+                self.reread = True  # a link or address changed: no snapshot to read into
+            else:
+                outcome.failed += self._clear_moved_neighbours(outcome)
         watched = frozenset(
             set(outcome.desired.shims) | set(plan_mod.owned_shims(host))
             | {m.network.parent for m in outcome.desired.networks if m.network.parent})
         if not watched <= self._watched_names:
             # Notifications of a link nobody watched were not folded (a new network's
-            # parent, its address): the host must be read again (see watching_more).
+            # parent, its address): the host must be read again.
             self.invalidate_host()
-            self.watching_more = True
+            self.reread = True
         self._watched_names = watched
         self._watch(host)
+
+    def _carry_out(self, plan, host):
+        failed = self.netlink.apply(plan.actions, host, explain)
+        self._host = None if failed else plan_mod.after(host, plan.actions)
+        self._last_plan, self._touched = None, frozenset()
+        if self._host is not None:  # plan.after: route actions only
+            self._last_plan = plan
+            self._touched = frozenset(
+                a.spec.dst if isinstance(a, plan_mod.RouteReplace) else a.route.dst
+                for a in plan.actions)
+        return failed
+
+    def _clear_moved_neighbours(self, outcome):
+        """After a plan made on neighbour entries as last read: the entries that moved
+        since, planned and carried out (a NeighDel where a container's MAC changed)."""
+        host, moved = self._moved_neighbours(self._host, outcome.desired, outcome.scope)
+        if not moved:
+            return 0
+        self._host = host
+        plan = plan_mod.compute(outcome.desired, host, self.view.protection(),
+                                self._last_plan, moved)
+        return self._carry_out(plan, host)
 
 
 def cleanup(netlink):

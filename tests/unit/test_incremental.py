@@ -254,8 +254,9 @@ def test_a_default_route_notification_moves_a_network_without_parent_at_once():
 
 
 def test_neighbours_are_read_for_a_plan_that_may_need_a_neigh_del_only():
-    """A connect whose container's MAC is known reads the entries on its shim (a stale
-    one there is a NeighDel); a disconnect reads none; the outcome is the full one."""
+    """A connect whose container's MAC is known reads the entries on its shim once its
+    route is in place (a stale one there is a NeighDel); a disconnect reads none; the
+    outcome is the full one."""
     lan = network("lan", parent="eth0")
     docker = FakeDocker(lan)
     d, netlink, _ = make(docker)
@@ -267,8 +268,8 @@ def test_neighbours_are_read_for_a_plan_that_may_need_a_neigh_del_only():
     d.step()
     read = []
     kernel_neighbours = netlink.neighbours
-    netlink.neighbours = lambda links: read.append({link.name for link in links}) or \
-        kernel_neighbours(links)
+    netlink.neighbours = lambda links: read.append(
+        ({link.name for link in links}, list(netlink.applied))) or kernel_neighbours(links)
     shim = desired.default_shim_name("eth0")
     stale = Neighbour(shim, ipaddress.ip_address("198.51.100.130"), MACS[2])
     netlink.host = netlink.host.with_neighbours((stale,))
@@ -277,7 +278,9 @@ def test_neighbours_are_read_for_a_plan_that_may_need_a_neigh_del_only():
         endpoint("a", "198.51.100.130", mac=MACS[1]),))
     d.triggers.put((daemon_mod.DOCKER, lan.id))
     d.step()
-    assert read == [{shim}]
+    assert [shims for shims, _ in read] == [{shim}]
+    assert any(isinstance(a, plan.RouteReplace) for a in read[0][1]), \
+        "the route was added before the neighbour entries were read"
     assert plan.NeighDel(shim, stale.ip) in netlink.applied
 
     del read[:]
