@@ -3,6 +3,7 @@
 
 Run as root:  python3 tests/bench.py [--containers 30] [--burst 100] [--churn 1000] [--idle 60]
               python3 tests/bench.py --engine podman|docker --latency-only [--containers 30]
+                [--timeline]
               python3 tests/bench.py --pure ENDPOINTS
 
 Prints, per figure (issues 2 and 9):
@@ -45,18 +46,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lab as labmod  # noqa: E402
 import podman_lab  # noqa: E402
 
+# Stamps each notification as it is received, before decoding it (decoding is the
+# bench's cost, not the daemon's): a raw rtnetlink socket, the route groups only.
 MONITOR = r"""
-import sys, time
-from pyroute2 import IPRoute
-with IPRoute() as ipr:
-    ipr.bind(groups=0x40 | 0x400)
-    print("ready", flush=True)
-    while True:
-        for msg in ipr.get():
-            if msg["proto"] != 210:
-                continue
-            kind = "add" if msg["header"]["type"] == 24 else "del"
-            print(time.time_ns(), kind, msg.get_attr("RTA_DST"), flush=True)
+import ipaddress, socket, struct, time
+sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 22)
+sock.bind((0, 0x40 | 0x400))  # RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
+print("ready", flush=True)
+while True:
+    data = sock.recv(1 << 16)
+    stamp = time.time_ns()
+    offset = 0
+    while offset + 16 <= len(data):
+        length, kind = struct.unpack_from("=IH", data, offset)
+        if length < 16:
+            break
+        body = offset + 16
+        if kind in (24, 25) and data[body + 5] == 210:  # RTM_NEWROUTE/DELROUTE, our proto
+            at = body + 12  # past struct rtmsg
+            while at + 4 <= offset + length:
+                size, attr = struct.unpack_from("=HH", data, at)
+                if size < 4:
+                    break
+                if attr == 1:  # RTA_DST
+                    dst = ipaddress.ip_address(bytes(data[at + 4:at + size]))
+                    print(stamp, "add" if kind == 24 else "del", dst, flush=True)
+                at += (size + 3) & ~3
+        offset += (length + 3) & ~3
 """
 
 
@@ -161,6 +178,30 @@ class FloorWatch(Stamps):
 
     def close(self):
         self.stream.close()
+
+
+def timeline(log_text):
+    """The daemon's own stages per connect and disconnect, from its debug log: its
+    Docker reads (the inspect and its translation), the plan, and applying it (the
+    netlink request, its answer and the log line)."""
+    stages = {"connect": [], "disconnect": []}
+    reads, kind = None, None
+    for line in log_text.splitlines():
+        if " reads took " in line:
+            reads, kind = float(line.split(" reads took ")[1].split()[0]), None
+        elif " ip route replace " in line:
+            kind = "connect"
+        elif " ip route del " in line:
+            kind = "disconnect"
+        elif "reconcile planned in " in line:
+            words = line.split("reconcile planned in ")[1].split()
+            if kind and reads is not None and words[3] == "1":
+                stages[kind].append((reads, float(words[0]), float(words[6])))
+            reads, kind = None, None
+    for kind, rows in stages.items():
+        if rows:
+            for name, values in zip(("Docker reads", "plan", "apply"), zip(*rows)):
+                show(f"[timeline] {kind}: the daemon's {name}", list(values))
 
 
 def percentile(values, fraction):
@@ -425,6 +466,9 @@ def main():
     parser.add_argument("--latency-only", action="store_true",
                         help="stop after the one-at-a-time figures on one network (always "
                         "so for podman)")
+    parser.add_argument("--timeline", action="store_true",
+                        help="with --latency-only: the daemon logs at debug level, and its "
+                        "own stages are printed from that log (the logging costs a little)")
     parser.add_argument("--pure", type=int, metavar="ENDPOINTS",
                         help="only the micro-benchmark without Docker, at this many endpoints")
     args = parser.parse_args()
@@ -439,7 +483,7 @@ def main():
     lab = (podman_lab if podman else labmod).make_lab()
     try:
         client = lab.engine.client
-        daemon = lab.daemon(config={})
+        daemon = lab.daemon(config={"LOG_LEVEL": "debug"} if args.timeline else {})
         pid = daemon.proc.pid
         print(f"{args.engine}: daemon pid {pid}, python {sys.version.split()[0]}, "
               f"RSS at start {rss_kib(pid) / 1024:.1f} MiB", flush=True)
@@ -449,6 +493,8 @@ def main():
             floor = None if podman else FloorWatch(lab.engine)
             latency(client, [lab.engine.network("bench", parent="lan0")], routes, events,
                     floor, args.containers, "0 containers, 1 network", starter)
+            if args.timeline:
+                timeline(daemon.stderr)
             for watch in (routes, events, floor):
                 if watch is not None:
                     watch.close()
