@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from lab import (LAN0, SHIM0, SHIM1, assert_no_traceback, holds_for, wait_until)
+from lab import (LAN0, SHIM0, SHIM1, assert_no_traceback, holds_for, run, wait_until)
 
 pytestmark = pytest.mark.integration
 
@@ -146,3 +146,33 @@ def test_network_selection(lab, engine, how):
     wait_until(lambda: lab.route_via(C4, SHIM0), desc="route on the selected network")
     holds_for(lambda: lab.route(D4) is None and lab.link(SHIM1) is None, duration=2,
               desc="nothing for the network that was not selected")
+
+
+def test_an_address_back_with_another_mac_is_reached_at_once(lab, engine):
+    """A container's address comes back on another MAC (recreated with a pinned MAC, or by
+    another engine): the host's neighbour entry for it on the shim still names the old MAC
+    and would black-hole the host's packets until the kernel probes again; the daemon
+    deletes it once the new route is in place."""
+    old_mac, new_mac = "02:00:5e:00:53:01", "02:00:5e:00:53:02"
+    engine.network("lan")
+    d = lab.daemon({"RESYNC_INTERVAL": "86400"})
+
+    def entry():
+        out = run(["ip", "-n", lab.T, "neigh", "show", C4, "dev", SHIM0]).stdout
+        return out.split("lladdr")[1].split()[0] if "lladdr" in out else None
+
+    engine.container("c1", "lan", ip=C4, extra=["--mac-address", old_mac])
+    wait_until(lambda: lab.route_via(C4, SHIM0), desc="route for the first container")
+    lab.wait_ping(C4)
+    assert entry() == old_mac, "the host has no entry for the first container's MAC"
+    engine.cli("rm", "-f", "c1")
+    wait_until(lambda: lab.route(C4) is None, desc="route gone with the first container")
+    assert entry() == old_mac, "the kernel dropped the entry itself: this proves nothing"
+
+    engine.container("c2", "lan", ip=C4, extra=["--mac-address", new_mac])
+    wait_until(lambda: lab.route_via(C4, SHIM0) and entry() != old_mac,
+               desc="route for the second container, and the old MAC's entry gone")
+    assert lab.ping(C4), "the host cannot reach the container at its new MAC"
+    assert entry() == new_mac
+    assert f"ip neigh del {C4} dev {SHIM0}" in d.stderr
+    assert_no_traceback(d.stderr)
