@@ -19,7 +19,7 @@ COMPOSE_NETWORK_LABEL = "com.docker.compose.network"
 SHIM_PREFIX = "mvr-"
 
 
-def select_networks(selectors, networks):
+def select_networks(selectors, networks, engine="Docker"):
     """Pick the managed networks from Docker's list; returns (networks, problems).
 
     No selectors means every macvlan and ipvlan network. A name also matches the short
@@ -43,7 +43,7 @@ def select_networks(selectors, networks):
         if not matches and not selector.is_label:
             known = ", ".join(sorted(n.name for n in served)) or "none"
             problems.append(Problem(
-                f"MACVLAN_DOCKER_NETWORK={selector.text}: Docker has no network with that "
+                f"MACVLAN_DOCKER_NETWORK={selector.text}: {engine} has no network with that "
                 f"name or ID (macvlan and ipvlan networks now: {known}); create it or fix "
                 "the setting"))
     return list(chosen.values()), problems
@@ -329,7 +329,7 @@ def _servable(network, problems):
     wide = [s for s in network.subnets if safety.too_wide(s)]
     for subnet in wide:
         problems.append(Problem(
-            f"network {network.name}: Docker reports the subnet {subnet}, wider than "
+            f"network {network.name}: {network.engine} reports the subnet {subnet}, wider than "
             f"/{safety.WIDEST[subnet.version]}; routing it via a shim would take over the "
             "host's general traffic, so it is not served. Recreate the network with its "
             "LAN's real subnet", network.name, kind="warning"))
@@ -509,8 +509,8 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
         problems.append(Problem(
             f"network {network.name} ({subnet} on {parent}) is skipped: {hint}the host has no "
             f"address in {subnet} on {parent} to reuse; to reach it from this host, set "
-            f"MACVLAN_BRIDGE_IP to a free address of {subnet} (and keep Docker off it with "
-            "--aux-address)", network.name, kind="warning"))
+            f"MACVLAN_BRIDGE_IP to a free address of {subnet} (and {keep_off(network)})",
+            network.name, kind="warning"))
         return None
     configured = [a for a in config.bridge_ip6s if a in subnet]
     if configured:
@@ -536,8 +536,21 @@ def _no_reuse_on_ipvlan(network, subnet, parent, address, configured_on=None):
         f"cannot reuse the host's address {address}, since ipvlan hands every packet to the "
         f"child that holds its destination address: the host's own traffic to {address} "
         f"would arrive on the shim instead of {configured_on or parent}. Set "
-        f"MACVLAN_BRIDGE_IP to a free address of {subnet} for the shim (and keep Docker off "
-        "it with --aux-address)", network.name, kind="error" if configured_on else "warning")
+        f"MACVLAN_BRIDGE_IP to a free address of {subnet} for the shim (and "
+        f"{keep_off(network)})", network.name, kind="error" if configured_on else "warning")
+
+
+def keep_off(network, address=None, name="shim"):
+    """How to keep the network's engine from giving a container `address` (None: the
+    address the user is about to choose), in that engine's own words."""
+    if network.engine == "Podman":
+        return ("keep Podman off it: Podman has no --aux-address, so recreate the network "
+                "with an --ip-range that leaves it out (podman network create ... "
+                "--ip-range ...)")
+    if address is None:
+        return "keep Docker off it with --aux-address"
+    return (f"keep Docker off it (docker network create ... --aux-address {name}={address}) "
+            "or use --ip-range")
 
 
 def _checked(address, key, network, problems):
@@ -567,9 +580,9 @@ def _checked(address, key, network, problems):
     if not network.dhcp and address not in network.aux_addresses \
             and any(address in pool for pool in pools):
         problems.append(Problem(
-            f"{what} lies where Docker allocates container addresses in network "
-            f"{network.name} and is not reserved: a new container may get it. Reserve it "
-            f"(docker network create ... --aux-address shim={address}) or use --ip-range",
+            f"{what} lies where {network.engine} allocates container addresses in network "
+            f"{network.name} and is not reserved: a new container may get it; "
+            f"{keep_off(network, address, 'shim')}",
             network.name, kind="warning"))
     return address
 
@@ -731,8 +744,8 @@ def _route_endpoint(network, endpoint, address, sources, shim, host_ips, facts):
         # Docker handed out an address it should not have: that costs this container its
         # route, never the service (a restart would otherwise stop on it).
         return Problem(
-            f"{who} holds {address}, {owner}; that container is not routed. Keep Docker "
-            f"off it (docker network create ... --aux-address host={address}){other}",
+            f"{who} holds {address}, {owner}; that container is not routed: "
+            f"{keep_off(network, address, 'host')}{other}",
             network.name, kind="warning")
     spec = RouteSpec(dst=ipaddress.ip_network(address), shim=shim, src=source,
                      network=network.name, container_id=endpoint.container_id,

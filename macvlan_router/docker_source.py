@@ -146,6 +146,7 @@ def to_network(raw, by_name, engine="Docker", known=None):
         dhcp=ipam_driver == podman.IPAM_DHCP,
         labels=tuple(sorted((str(k), str(v)) for k, v in
                             _mapping(raw.get("Labels"), bad, "Labels").items())),
+        engine=engine,
     ), problems
 
 
@@ -297,6 +298,7 @@ class Listing:
     networks: Tuple[Network, ...]
     problems: Tuple[Problem, ...] = ()
     unreadable: int = 0
+    engine: str = "Docker"
 
 
 class DockerSource:
@@ -400,7 +402,7 @@ class DockerSource:
                 unreadable += 1
             else:
                 networks.append(network)
-        return Listing(tuple(networks), tuple(problems), unreadable)
+        return Listing(tuple(networks), tuple(problems), unreadable, self.engine)
 
     def inspect(self, network_id):
         """(the network with its endpoints, warnings), or (None, ()) if it is gone.

@@ -66,6 +66,8 @@ class Network:
     ipvlan_flag: Optional[str] = None
     # The macvlan driver's macvlan_mode, "bridge" when absent; None for other drivers.
     macvlan_mode: Optional[str] = None
+    # Who reported it ("Docker" or "Podman"): the advice in messages is that engine's.
+    engine: str = "Docker"
 
     @property
     def shim_kind(self):

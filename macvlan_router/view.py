@@ -49,7 +49,8 @@ class View:
     def after_list(self, listing, selectors):
         """The view after a list call that answered: managed networks re-selected; the ones
         Docker no longer lists are dropped, new ones wait for their first inspect."""
-        chosen, problems = desired_state.select_networks(selectors, listing.networks)
+        chosen, problems = desired_state.select_networks(selectors, listing.networks,
+                                                         listing.engine)
         records = {n.id: self.records.get(n.id)
                    or Record(n, stale="not read yet", inspected=False) for n in chosen}
         return replace(self, listing=listing, records=records,

@@ -250,3 +250,22 @@ def test_a_shim_name_that_is_a_parent_is_refused():
                           addresses=(("eth0", "198.51.100.2/24"), ("eth1", "203.0.113.2/24"))))
     assert "eth1" not in result.shims
     assert any("eth1" in m and "parent interface" in m for m in errors(result))
+
+
+@pytest.mark.parametrize("engine, says, never", [
+    ("Docker", "--aux-address", "podman network create"),
+    ("Podman", "--ip-range that leaves it out", "docker network create")])
+def test_advice_on_reserving_an_address_is_in_the_engine_s_own_words(engine, says, never):
+    """Podman has no --aux-address: its users are told what Podman has."""
+    pool = compute(Config(bridge_ips=(ip("198.51.100.250"),)), [network(engine=engine)])
+    taken = compute(networks=[network(engine=engine,
+                                      endpoints=[endpoint("web", "198.51.100.2")])])
+    no_address = compute(networks=[network(engine=engine, subnets=("203.0.113.0/24",))])
+    ipvlan = compute(networks=[network(engine=engine, driver="ipvlan", ipvlan_mode="l2",
+                                       ipvlan_flag="bridge")])
+    messages = [p.message for result in (pool, taken, no_address, ipvlan)
+                for p in result.problems if "off it" in p.message]
+    assert len(messages) == 4, messages
+    assert all(says in m and never not in m for m in messages), messages
+    _, (missing,) = desired.select_networks([Selector("nope")], [network()], engine)
+    assert f"{engine} has no network" in missing.message

@@ -60,6 +60,7 @@ def test_the_engine_is_recognised_from_its_version_answer(version, prefix):
 def test_the_parent_and_lease_range_come_from_the_libpod_record():
     network, problems = translated(containers=CONTAINERS)
     assert not problems
+    assert network.engine == "Podman", "its messages give Podman's advice"
     assert network.parent == "lan0" and not network.default_route_parent
     assert [str(s) for s in network.subnets] == ["198.51.100.0/24"]
     assert [str(r) for r in network.ip_ranges] == ["198.51.100.128/25"]
