@@ -169,7 +169,26 @@ def prereq_problem():
         return "python docker library missing (python3-docker or pip install docker)"
     if not os.path.isdir("/run/netns") and not os.access("/run", os.W_OK):
         return "cannot create network namespaces"
-    return None
+    return chroot_problem()
+
+
+def chroot_problem():
+    """Why `/` here is not the root of this mount namespace (a chroot), or None.
+
+    Entering a mount namespace (setns) puts a process at that namespace's root, not at the
+    caller's `/`: under a chroot, `docker exec` (runc) and the Podman lab's `nsenter -m`
+    then run the machine's own programs outside this tree. Tests fail for no reason of
+    theirs: a container's `ping` is "not found" (it runs the machine's /bin, not busybox),
+    Podman cannot find its storage.conf. Seen in a Debian 13 tree under chroot."""
+    here = os.stat("/")
+    p = run(["nsenter", f"--mount=/proc/{os.getpid()}/ns/mnt", "--", "stat", "-L", "-c",
+             "%d:%i", "/"], check=False, timeout=10)
+    if p.returncode != 0 or p.stdout.strip() == f"{here.st_dev}:{here.st_ino}":
+        return None  # the same root, or no way to tell (the lab's own steps will say)
+    return ("this process runs under chroot: `/` is not the root of its mount namespace, so "
+            "`docker exec` and `nsenter -m` would run programs from outside this tree. Run "
+            "the suite on the machine itself, in a container or VM, or make the tree the "
+            "namespace's root: unshare -m, then pivot_root into it (not chroot)")
 
 
 def pid_alive(pid):

@@ -172,6 +172,9 @@ def host_packages(env):
 
 def install_host_tools():
     """apt-get install what the test needs on the machine, when something is missing."""
+    problem = lab.chroot_problem()  # the boxes' `docker exec` would leave the tree too
+    if problem:
+        raise E2EError(problem)
     if not missing_host_tools():
         return
     apt = ["apt-get", "-y", "-q", "-o", "Acquire::Retries=5", "--no-install-recommends"]
