@@ -77,7 +77,8 @@ def cmd_check(args, config):
               f"{subnets}, {len(network.endpoints)} container(s), shim {managed.shim or '-'}")
     for name, shim in sorted(desired.shims.items()):
         addresses = " ".join(str(a) for a in sorted(shim.addresses, key=lambda a: (a.version, a)))
-        print(f"shim {name} on {shim.parent}: {addresses or 'no address'}")
+        print(f"shim {name} ({shim.kind} {shim.mode}) on {shim.parent}: "
+              f"{addresses or 'no address'}")
     for problem in outcome.problems:
         print(f"{problem.kind}: {problem.message}")
     if docker_error:
@@ -92,6 +93,7 @@ def cmd_check(args, config):
 
 
 def status_report(host, outcome, url, docker_error):
+    from .model import IPVLAN
     from .plan import owned_shims
     shims = owned_shims(host)
     owners = outcome.desired.routes if outcome is not None else {}
@@ -100,6 +102,8 @@ def status_report(host, outcome, url, docker_error):
         "shims": [{
             "name": name,
             "parent": host.link_name(link.parent_index),
+            "kind": link.kind,
+            "mode": link.ipvlan_mode if link.kind == IPVLAN else link.macvlan_mode,
             "mac": link.mac,
             "up": link.up,
             "addresses": [str(a.interface) for a in host.addresses_of(name)
@@ -152,7 +156,8 @@ def print_status(report):
         print("no shim interface: macvlan-router manages nothing on this host right now")
     for shim in report["shims"]:
         state = "up" if shim["up"] else "DOWN"
-        print(f"shim {shim['name']} on {shim['parent']} ({state}): "
+        print(f"shim {shim['name']} ({shim['kind']} {shim['mode']}) on {shim['parent']} "
+              f"({state}): "
               f"{' '.join(shim['addresses']) or 'no address'}")
         for route in report["routes"]:
             if route["dev"] == shim["name"]:

@@ -195,8 +195,12 @@ def test_status_json(lab, engine):
     text = json.dumps(status)
     for needle in (SHIM0, C4, C6, LAN0["host"], shim6, "lan"):
         assert needle in text, f"{needle} missing from status --json: {text}"
+    assert [(s["name"], s["kind"], s["mode"]) for s in status["shims"]] == \
+        [(SHIM0, "macvlan", "bridge")], status["shims"]
     rc, out, err = lab.mvr("status", config={})
-    assert rc == 0 and SHIM0 in out, (rc, out, err)
+    assert rc == 0 and f"shim {SHIM0} (macvlan bridge) on" in out, (rc, out, err)
+    rc, out, err = lab.mvr("check", config={})
+    assert rc == 0 and f"shim {SHIM0} (macvlan bridge) on" in out, (rc, out, err)
     # STATUS= tells what is managed
     d.wait_notify(lambda m: m.startswith("STATUS=") and SHIM0 in m,
                   desc="STATUS= naming the shim")
