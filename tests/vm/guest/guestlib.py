@@ -7,7 +7,12 @@ parents, networks and subnets. Taken so far (documentation ranges only):
   check_macvlan.py  parent vmlan0 (a dummy systemd-networkd makes, baked into the image),
                     198.51.100.0/26 and 2001:db8:a::/64
   check_vlan.py     parents vlanp0 (dummy) and its VLANs, 198.51.100.64/26 and .128/26
-The rest of 198.51.100.0/24 and all of 203.0.113.0/24 are free.
+  check_ipvlan.py   parent ipvp0 (veth, peer ipvpeer0), 203.0.113.0/24
+  check_podman.py   parents podip0, podmv0 (dummies), 198.51.100.192/28, .208/28 and
+                    2001:db8:d::/64
+  check_nm.py       parent nmp0 (veth, peer nmpeer0; NetworkManager's), 198.51.100.224/27
+                    and 2001:db8:c::/64
+All of 198.51.100.0/24 and 203.0.113.0/24 is taken; 2001:db8::/32 has room.
 
 The API, kept small on purpose:
   phase()                      "boot1" or "boot2", from the command line
@@ -16,7 +21,7 @@ The API, kept small on purpose:
   wait_until(cond, timeout, desc=...)     a bounded poll; returns cond()'s truthy value
   busybox_image()              the image "bb:latest" (docker import of busybox-static)
   container(name, network, ip, *more)     a sleeping container, --restart=always
-  config_add(KEY, *values), config_remove(KEY, *values)
+  config_add(KEY, *values, apply=True), config_remove(KEY, *values, apply=True)
                                edit a list key of /etc/default/macvlan-router, reload
                                (or start the service, when a bad value stopped it)
   link(name), routes(dev=None), addresses(dev)   what the kernel has (ip -j)
@@ -148,18 +153,19 @@ def container(name, network, ip, *more):
            "--network", network, "--ip", ip, *more, IMAGE, "sleep", "1000000")
 
 
-def config_add(key, *values):
+def config_add(key, *values, apply=True):
     """Append values to the space-separated list KEY in /etc/default/macvlan-router (check
-    files share that file: never overwrite it), then reload macvlan-router."""
-    _config_edit(key, lambda old: old + [v for v in values if v not in old])
+    files share that file: never overwrite it), then reload macvlan-router (not `apply`:
+    the caller restarts it)."""
+    _config_edit(key, lambda old: old + [v for v in values if v not in old], apply)
 
 
-def config_remove(key, *values):
-    """Take values out of the list KEY again, then reload."""
-    _config_edit(key, lambda old: [v for v in old if v not in values])
+def config_remove(key, *values, apply=True):
+    """Take values out of the list KEY again, then reload (not `apply`: no reload)."""
+    _config_edit(key, lambda old: [v for v in old if v not in values], apply)
 
 
-def _config_edit(key, change):
+def _config_edit(key, change, apply):
     lines = CONFIG.read_text().splitlines()
     index = next((i for i, line in enumerate(lines) if line.startswith(f"{key}=")), None)
     old = [] if index is None else lines[index].split("=", 1)[1].strip().strip('"').split()
@@ -169,8 +175,9 @@ def _config_edit(key, change):
     else:
         lines[index] = line
     CONFIG.write_text("\n".join(lines) + "\n")
-    # Starts it too when a bad value had stopped it.
-    run("systemctl", "reload-or-restart", "macvlan-router", timeout=SETTLE)
+    if apply:
+        # Starts it too when a bad value had stopped it.
+        run("systemctl", "reload-or-restart", "macvlan-router", timeout=SETTLE)
 
 
 def link(name):
