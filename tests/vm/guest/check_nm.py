@@ -180,6 +180,7 @@ def reconnect(r, name, down, up):
     down_text, up_text = " ".join(down), "nmcli " + " ".join(up[3:])
     with r.check(f"nm-reconnect-{name}") as c:
         with g.Watch(C4) as w, Gone() as gone:
+            since = f"--since=@{int(time.time())}"
             t_down = time.monotonic()
             g.run(*down, timeout=g.SETTLE)
             g.run(*up, timeout=g.SETTLE)
@@ -202,9 +203,17 @@ def reconnect(r, name, down, up):
             parts.append(f"{item} gone {len(gaps)}x (longest {longest:.2f}s), there "
                          f"{repair:.2f}s after `{up_text}` returned")
         reachable()
+        # Who took what away: the kernel's view, and what the daemon did meanwhile.
+        acted = [x for x in g.journal("-u", "macvlan-router", "-o", "cat", since).splitlines()
+                 if SHIM in x and x.startswith(("ip ", "sysctl "))]
         c.detail = (f"`{down_text}` + `{up_text}` took {t_up - t_down:.2f}s; "
                     + "; ".join(parts) + f"; ping {C4}: {w.summary()}; polled "
-                    f"{len(gone.samples)}x in {end - gone.samples[0][0]:.1f}s")
+                    f"{len(gone.samples)}x in {end - gone.samples[0][0]:.1f}s; ip monitor: "
+                    f"route {C4} deleted {len(w.deleted(f'{C4} dev {SHIM}'))}x, shim address "
+                    f"{HOST4} deleted {len(w.deleted(f': {SHIM} ', f'inet {HOST4}/32'))}x, "
+                    f"parent's {len(w.deleted(f': {PARENT} ', f'inet {HOST4}/27'))}x; "
+                    "macvlan-router ran "
+                    f"{len(acted)} commands on {SHIM}: {acted[:4]}")
         if late:
             raise g.CheckError(f"{', '.join(late)} not back within {g.REPAIR:.0f}s of NM "
                                f"reconnecting {PARENT}: {c.detail}")

@@ -262,7 +262,8 @@ class Watch:
     """While an event happens: `busybox ping -i 0.05 ADDR` and `ip -ts monitor` in the
     background, bounded by `limit` seconds. After the block: `lost` (sequence numbers
     with no reply, the one in flight at the end not counted), `longest` (the longest run
-    of them, in seconds) and `deleted(*texts)` (monitor lines deleting something)."""
+    of them, in seconds; infinite when ping ended early, `ended_early`) and
+    `deleted(*texts)` (monitor lines deleting something)."""
 
     INTERVAL = 0.05
 
@@ -293,6 +294,9 @@ class Watch:
 
     def __exit__(self, *exc):
         # SIGINT (forwarded by timeout) makes busybox ping print how many it sent.
+        # busybox ping exits at the first send that fails (no route to the address): the
+        # rest of the event went unmeasured, and the count below cannot tell.
+        self.ended_early = self.pinger.poll() is not None
         self.pinger.send_signal(signal.SIGINT)
         self.mon.terminate()
         out = {}
@@ -314,7 +318,8 @@ class Watch:
             run_len = run_len + 1 if prev is not None and n == prev + 1 else 1
             best = max(best, run_len)
             prev = n
-        self.longest = best * self.INTERVAL
+        self.longest = float("inf") if self.ended_early else best * self.INTERVAL
+        self.ping_end = (out["ping"].strip().splitlines() or [""])[-1]
         self.monitor = out["mon"].splitlines()
         return False
 
@@ -324,5 +329,8 @@ class Watch:
                 if "Deleted" in line and all(t in line for t in texts)]
 
     def summary(self):
+        if self.ended_early:
+            return (f"ping ended early after {len(self.replies)} replies, "
+                    f"{len(self.lost)} lost: {self.ping_end!r}")
         return (f"{len(self.lost)} of {len(self.replies) + len(self.lost)} pings lost "
                 f"(longest gap {self.longest:.2f}s)")
