@@ -12,10 +12,10 @@
 The image (DESIGN.md section 4) is debootstrapped with Debian's stock kernel, systemd as
 PID 1, docker.io, the package's dependencies and everything the guest checks use, since
 the guest has no network. It is cached under /var/cache/macvlan-router-tests/, keyed by
-IMAGE_RECIPE and the package list, like tests/e2e's rootfs. A unit in the image,
-mvr-vm.service, runs tests/vm/guest/runner.py at every boot: it installs the .deb and runs
-the checks (phase boot1), reboots, runs them again (phase boot2), writes the results to
-/dev/vdb and powers off. Every wait is bounded.
+IMAGE_RECIPE, the package list and the files and units it adds, like tests/e2e's rootfs.
+A unit in the image, mvr-vm.service, runs tests/vm/guest/runner.py at every boot: it
+installs the .deb and runs the checks (phase boot1), reboots, runs them again (phase
+boot2), writes the results to /dev/vdb and powers off. Every wait is bounded.
 """
 
 import contextlib
@@ -38,11 +38,15 @@ import lab  # noqa: E402  (tests/lab.py: process and tree helpers)
 
 SUITE = "trixie"
 # Bump when anything _prepare_image does changes (the package list is part of the key).
-IMAGE_RECIPE = "2"
+IMAGE_RECIPE = "3"
 IMAGE_PACKAGES = (
     "linux-image-amd64", "initramfs-tools", "systemd", "systemd-sysv", "udev", "kmod",
     "apparmor", "dbus", "python3", "python3-docker", "python3-pyroute2", "python3-systemd",
     "docker.io", "docker-cli", "busybox-static", "iproute2", "procps", "tar",
+    # check_podman.py: rootful Podman 5 with netavark, as a user installs it.
+    "podman", "netavark", "aardvark-dns", "crun",
+    # check_nm.py: NetworkManager beside systemd-networkd.
+    "network-manager",
 )
 IMAGE_SIZE = "4G"
 STALE_AFTER = 86400       # seconds an image of another recipe is kept after its last use
@@ -51,11 +55,25 @@ RESULTS_SIZE = 64 << 20
 # a dummy link, since the guest has no network card; macvlan children in bridge mode reach
 # each other on any parent.
 NETWORKD_PARENT = "vmlan0"
-NETWORKD_FILES = {
-    "20-vmlan0.netdev": f"[NetDev]\nName={NETWORKD_PARENT}\nKind=dummy\n",
-    "20-vmlan0.network": (f"[Match]\nName={NETWORKD_PARENT}\n\n[Network]\n"
-                          "Address=198.51.100.2/26\nAddress=2001:db8:a::2/64\n"
-                          "LinkLocalAddressing=no\n"),
+# The one link NetworkManager may manage (tests/vm/guest/check_nm.py makes it, and its
+# profile): every other link stays networkd's or nobody's. The package's shims (mvr-*) are
+# left out of the rule on purpose: that NM leaves them alone must come from the package's
+# own NM drop-in, or the check that says so could not fail.
+NM_PARENT = "nmp0"
+# {path in the image: text}
+IMAGE_FILES = {
+    "etc/systemd/network/20-vmlan0.netdev": f"[NetDev]\nName={NETWORKD_PARENT}\nKind=dummy\n",
+    "etc/systemd/network/20-vmlan0.network": (
+        f"[Match]\nName={NETWORKD_PARENT}\n\n[Network]\n"
+        "Address=198.51.100.2/26\nAddress=2001:db8:a::2/64\nLinkLocalAddressing=no\n"),
+    # After NM's own 85-nm-unmanaged.rules, which leaves veth links (NM_PARENT is one) alone.
+    "etc/udev/rules.d/90-mvr-vm-nm.rules": (
+        'SUBSYSTEM!="net", GOTO="mvr_vm_nm_end"\n'
+        f'KERNEL=="{NM_PARENT}", ENV{{NM_UNMANAGED}}="0", GOTO="mvr_vm_nm_end"\n'
+        'KERNEL!="mvr-*", ENV{NM_UNMANAGED}="1"\n'
+        'LABEL="mvr_vm_nm_end"\n'),
+    # No "Wired connection 1" on the NM parent: only the check's own profile.
+    "etc/NetworkManager/conf.d/90-mvr-vm.conf": "[main]\nno-auto-default=*\n",
 }
 RUNNER_UNIT = """\
 [Unit]
@@ -90,6 +108,9 @@ ENABLED = {  # unit -> the target that wants it
     "mvr-vm.service": "multi-user.target",
     "systemd-networkd.service": "multi-user.target",
     "systemd-networkd-wait-online.service": "network-online.target",
+    # As Debian's network-manager enables them.
+    "NetworkManager.service": "multi-user.target",
+    "NetworkManager-wait-online.service": "network-online.target",
 }
 KERNEL_ARGS = "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=1"
 
@@ -100,7 +121,7 @@ class VMError(Exception):
 
 def image_key():
     text = " ".join((SUITE, IMAGE_RECIPE, RUNNER_UNIT, KERNEL_ARGS, *IMAGE_PACKAGES, *MASKED,
-                     *sorted(f"{k}={v}" for k, v in NETWORKD_FILES.items())))
+                     *sorted(f"{k}={v}" for k, v in (*ENABLED.items(), *IMAGE_FILES.items()))))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -203,10 +224,9 @@ def _prepare_image(root):
         with contextlib.suppress(FileNotFoundError):
             (wants / unit).unlink()
         (wants / unit).symlink_to("/" + str(src.relative_to(root)))
-    network = root / "etc/systemd/network"
-    network.mkdir(parents=True, exist_ok=True)
-    for name, text in NETWORKD_FILES.items():
-        (network / name).write_text(text)
+    for path, text in IMAGE_FILES.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_text(text)
     # The package is installed offline from a file: no lists, no recommends.
     (root / "etc/apt/apt.conf.d/99vm").write_text(
         'APT::Install-Recommends "false";\nAcquire::Languages "none";\n')

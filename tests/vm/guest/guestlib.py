@@ -7,7 +7,12 @@ parents, networks and subnets. Taken so far (documentation ranges only):
   check_macvlan.py  parent vmlan0 (a dummy systemd-networkd makes, baked into the image),
                     198.51.100.0/26 and 2001:db8:a::/64
   check_vlan.py     parents vlanp0 (dummy) and its VLANs, 198.51.100.64/26 and .128/26
-The rest of 198.51.100.0/24 and all of 203.0.113.0/24 are free.
+  check_ipvlan.py   parent ipvp0 (veth, peer ipvpeer0), 203.0.113.0/24
+  check_podman.py   parents podip0, podmv0 (dummies), 198.51.100.192/28, .208/28 and
+                    2001:db8:d::/64
+  check_nm.py       parent nmp0 (veth, peer nmpeer0; NetworkManager's), 198.51.100.224/27
+                    and 2001:db8:c::/64
+All of 198.51.100.0/24 and 203.0.113.0/24 is taken; 2001:db8::/32 has room.
 
 The API, kept small on purpose:
   phase()                      "boot1" or "boot2", from the command line
@@ -16,7 +21,7 @@ The API, kept small on purpose:
   wait_until(cond, timeout, desc=...)     a bounded poll; returns cond()'s truthy value
   busybox_image()              the image "bb:latest" (docker import of busybox-static)
   container(name, network, ip, *more)     a sleeping container, --restart=always
-  config_add(KEY, *values), config_remove(KEY, *values)
+  config_add(KEY, *values, apply=True), config_remove(KEY, *values, apply=True)
                                edit a list key of /etc/default/macvlan-router, reload
                                (or start the service, when a bad value stopped it)
   link(name), routes(dev=None), addresses(dev)   what the kernel has (ip -j)
@@ -148,18 +153,19 @@ def container(name, network, ip, *more):
            "--network", network, "--ip", ip, *more, IMAGE, "sleep", "1000000")
 
 
-def config_add(key, *values):
+def config_add(key, *values, apply=True):
     """Append values to the space-separated list KEY in /etc/default/macvlan-router (check
-    files share that file: never overwrite it), then reload macvlan-router."""
-    _config_edit(key, lambda old: old + [v for v in values if v not in old])
+    files share that file: never overwrite it), then reload macvlan-router (not `apply`:
+    the caller restarts it)."""
+    _config_edit(key, lambda old: old + [v for v in values if v not in old], apply)
 
 
-def config_remove(key, *values):
-    """Take values out of the list KEY again, then reload."""
-    _config_edit(key, lambda old: [v for v in old if v not in values])
+def config_remove(key, *values, apply=True):
+    """Take values out of the list KEY again, then reload (not `apply`: no reload)."""
+    _config_edit(key, lambda old: [v for v in old if v not in values], apply)
 
 
-def _config_edit(key, change):
+def _config_edit(key, change, apply):
     lines = CONFIG.read_text().splitlines()
     index = next((i for i, line in enumerate(lines) if line.startswith(f"{key}=")), None)
     old = [] if index is None else lines[index].split("=", 1)[1].strip().strip('"').split()
@@ -169,8 +175,9 @@ def _config_edit(key, change):
     else:
         lines[index] = line
     CONFIG.write_text("\n".join(lines) + "\n")
-    # Starts it too when a bad value had stopped it.
-    run("systemctl", "reload-or-restart", "macvlan-router", timeout=SETTLE)
+    if apply:
+        # Starts it too when a bad value had stopped it.
+        run("systemctl", "reload-or-restart", "macvlan-router", timeout=SETTLE)
 
 
 def link(name):
@@ -255,7 +262,8 @@ class Watch:
     """While an event happens: `busybox ping -i 0.05 ADDR` and `ip -ts monitor` in the
     background, bounded by `limit` seconds. After the block: `lost` (sequence numbers
     with no reply, the one in flight at the end not counted), `longest` (the longest run
-    of them, in seconds) and `deleted(*texts)` (monitor lines deleting something)."""
+    of them, in seconds; infinite when ping ended early, `ended_early`) and
+    `deleted(*texts)` (monitor lines deleting something)."""
 
     INTERVAL = 0.05
 
@@ -286,6 +294,9 @@ class Watch:
 
     def __exit__(self, *exc):
         # SIGINT (forwarded by timeout) makes busybox ping print how many it sent.
+        # busybox ping exits at the first send that fails (no route to the address): the
+        # rest of the event went unmeasured, and the count below cannot tell.
+        self.ended_early = self.pinger.poll() is not None
         self.pinger.send_signal(signal.SIGINT)
         self.mon.terminate()
         out = {}
@@ -307,7 +318,8 @@ class Watch:
             run_len = run_len + 1 if prev is not None and n == prev + 1 else 1
             best = max(best, run_len)
             prev = n
-        self.longest = best * self.INTERVAL
+        self.longest = float("inf") if self.ended_early else best * self.INTERVAL
+        self.ping_end = (out["ping"].strip().splitlines() or [""])[-1]
         self.monitor = out["mon"].splitlines()
         return False
 
@@ -317,5 +329,8 @@ class Watch:
                 if "Deleted" in line and all(t in line for t in texts)]
 
     def summary(self):
+        if self.ended_early:
+            return (f"ping ended early after {len(self.replies)} replies, "
+                    f"{len(self.lost)} lost: {self.ping_end!r}")
         return (f"{len(self.lost)} of {len(self.replies) + len(self.lost)} pings lost "
                 f"(longest gap {self.longest:.2f}s)")
