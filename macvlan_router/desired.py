@@ -239,7 +239,7 @@ def _compute(config, networks, host, memo, patched):
                 found = []
                 sources = {subnet: source for subnet in network.subnets
                            for source in [_shim_address(config, network, subnet, parent,
-                                                        host, host_ips, found)]
+                                                        name, host, host_ips, found)]
                            if source is not None}
                 known = (key, sources, tuple(found), frozenset(
                     ipaddress.ip_interface(f"{source}/{source.max_prefixlen}")
@@ -487,7 +487,7 @@ def _shim_names(config, parents, host, problems):
     return names
 
 
-def _shim_address(config, network, subnet, parent, host, host_ips, problems):
+def _shim_address(config, network, subnet, parent, shim, host, host_ips, problems):
     """The shim's own address for one subnet of `network`, or None (with a Problem)."""
     if subnet.version == 4:
         configured = [a for a in config.bridge_ips if a in subnet]
@@ -503,6 +503,18 @@ def _shim_address(config, network, subnet, parent, host, host_ips, problems):
             address = (configured or reuse)[0]
             return _checked(address, "MACVLAN_BRIDGE_IP" if configured else None, network,
                             problems)
+        kept = sorted(a.ip for a in host.addresses_of(shim) if a.ip in subnet)
+        if kept and network.driver != IPVLAN:
+            # The host's address left the parent, most often for a moment: a network
+            # manager reconnecting it (NetworkManager does, measured in a VM). Dropping the
+            # shim's copy would take every route of the network with it.
+            problems.append(Problem(
+                f"network {network.name}: the host has no address in {subnet} on {parent} "
+                f"now; the shim {shim} keeps its address {kept[0]}, so the containers' "
+                "routes stay, and takes the host's address again when one appears. To stop "
+                "serving the network, leave it out of MACVLAN_DOCKER_NETWORK",
+                network.name, kind="waiting"))
+            return kept[0]
         hint = ("none of MACVLAN_BRIDGE_IP=" + ",".join(map(str, config.bridge_ips))
                 + " lies in it, and " if config.bridge_ips else "")
         # Common and legitimate (a VLAN the host itself is not on): skip, do not fail.

@@ -269,3 +269,24 @@ def test_advice_on_reserving_an_address_is_in_the_engine_s_own_words(engine, say
     assert all(says in m and never not in m for m in messages), messages
     _, (missing,) = desired.select_networks([Selector("nope")], [network()], engine)
     assert f"{engine} has no network" in missing.message
+
+
+def test_the_shim_keeps_its_address_while_the_host_has_none_on_the_parent():
+    """A network manager reconnecting the parent takes the host's address away for a
+    moment: the shim keeps its copy and every route stays; the host's next address is
+    the shim's again."""
+    lan = network(endpoints=[endpoint("web", "198.51.100.130")])
+    shim = desired.default_shim_name("eth0")
+    before = compute(networks=[lan], h=host(shims=[(shim, "eth0")], addresses=(
+        ("eth0", "198.51.100.2/24"), (shim, "198.51.100.2/32"))))
+    gone = compute(networks=[lan], h=host(shims=[(shim, "eth0")], addresses=(
+        (shim, "198.51.100.2/32"),)))
+    assert gone.shims == before.shims and gone.routes == before.routes
+    assert [p.kind for p in gone.problems] == ["waiting"]
+    assert f"{shim} keeps its address 198.51.100.2" in gone.problems[0].message
+    moved = compute(networks=[lan], h=host(shims=[(shim, "eth0")], addresses=(
+        ("eth0", "198.51.100.7/24"), (shim, "198.51.100.2/32"))))
+    assert {str(a) for a in moved.shims[shim].addresses} == {"198.51.100.7/32"}
+    assert moved.routes[net("198.51.100.130/32")].src == ip("198.51.100.7")
+    never_had_one = compute(networks=[lan], h=host(shims=[(shim, "eth0")], addresses=()))
+    assert never_had_one.routes == {} and "is skipped" in never_had_one.problems[0].message
