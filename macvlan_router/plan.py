@@ -186,6 +186,9 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
         usable[name] = spec
 
     link_actions = []
+    # Last: deleting an address takes the kernel's routes that use it as their source
+    # with it, so the routes move to the shim's new address first.
+    address_dels = []
     link_actions.extend(LinkDel(name) for name in sorted(drop))
     link_actions.extend(LinkAdd(spec.name, spec.parent, spec.mac, spec.kind, spec.mode)
                         for spec in create)
@@ -210,7 +213,7 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
             if protection.covers(interface.network) or protection.total:
                 kept.add(interface)
             else:
-                link_actions.append(AddrDel(name, interface))
+                address_dels.append(AddrDel(name, interface))
         for interface in sorted(spec.addresses - set(present), key=_address_key):
             link_actions.append(AddrAdd(name, interface))
         for interface in spec.addresses & set(present):
@@ -250,7 +253,7 @@ def compute(desired, host, protection=Protection(), previous=None, scope=None):
         problems.append(Problem(
             f"keeping {len(kept) + routes_kept} route(s), shim(s) or address(es) that Docker's "
             f"networks no longer seem to need: {protection.reason}", kind="waiting"))
-    return Plan(actions=tuple(deletions + link_actions + replacements),
+    return Plan(actions=tuple(deletions + link_actions + replacements + address_dels),
                 problems=tuple(problems),
                 pending=sum(1 for outcome in state.values() if outcome == PENDING),
                 kept=len(kept) + routes_kept, inputs=inputs, routes_state=state)

@@ -176,3 +176,34 @@ def test_an_address_back_with_another_mac_is_reached_at_once(lab, engine):
     assert entry() == new_mac
     assert f"ip neigh del {C4} dev {SHIM0}" in d.stderr
     assert_no_traceback(d.stderr)
+
+
+def test_routes_stay_while_the_host_s_address_leaves_the_parent_and_moves(lab, engine):
+    """NetworkManager takes the host's address off the parent while it reconnects it
+    (measured in a Debian 13 VM): the shim keeps its copy, so no route goes; a new host
+    address moves the routes to it before the old one is deleted (the kernel deletes the
+    routes whose source goes)."""
+    engine.network("lan")
+    engine.container("c1", "lan", ip=C4)
+    lab.daemon({"RESYNC_INTERVAL": "86400"})
+    wait_until(lambda: lab.route_via(C4, SHIM0), desc="route for the container")
+    host_address = f"{LAN0['host']}/24"
+    mon = subprocess.Popen(["ip", "-n", lab.T, "monitor", "route"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(0.3)  # let the monitor subscribe
+        run(["ip", "-n", lab.T, "addr", "del", host_address, "dev", "lan0"])
+        holds_for(lambda: lab.route_via(C4, SHIM0), duration=2, desc="route, host address gone")
+        run(["ip", "-n", lab.T, "addr", "add", host_address, "dev", "lan0"])
+        lab.wait_ping(C4)
+        run(["ip", "-n", lab.T, "addr", "del", host_address, "dev", "lan0"])
+        run(["ip", "-n", lab.T, "addr", "add", "198.51.100.7/24", "dev", "lan0"])
+        wait_until(lambda: (lab.route(C4) or {}).get("prefsrc") == "198.51.100.7",
+                   desc="the route's source moved to the host's new address")
+        lab.wait_ping(C4)
+    finally:
+        mon.terminate()
+        out, _ = mon.communicate(timeout=10)
+    deleted = [ln for ln in out.splitlines() if ln.startswith("Deleted") and f"{C4} " in ln]
+    assert not deleted, "the container's route went:\n" + "\n".join(deleted)
+    assert "198.51.100.7" in out, f"the monitor saw nothing; this proves nothing:\n{out}"

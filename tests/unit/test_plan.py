@@ -27,6 +27,23 @@ def test_fresh_host_gets_shim_then_routes_in_order():
     assert second.actions == ()
 
 
+def test_a_shim_address_moves_under_its_routes_before_the_old_one_goes():
+    """The kernel deletes the routes whose source is an address it deletes: the routes
+    must move to the new address first, or they are gone for a moment."""
+    lan = network(endpoints=[endpoint("web", "198.51.100.130")])
+    _, _, settled, _ = converge(Config(), [lan], host())
+    moved = dataclasses.replace(settled, addresses=tuple(
+        Address("eth0", iface("198.51.100.7/24")) if a.ifname == "eth0" else a
+        for a in settled.addresses))
+    want = desired.compute(Config(), [lan], moved)
+    commands = [a.command() for a in plan.compute(want, moved).actions]
+    assert commands == [
+        "ip address add 198.51.100.7/32 dev mvr-eth0 noprefixroute",
+        "ip route replace 198.51.100.130/32 dev mvr-eth0 proto macvlan-router scope link "
+        "src 198.51.100.7",
+        "ip address del 198.51.100.2/32 dev mvr-eth0"], commands
+
+
 def test_commands_read_like_ip():
     lan = network(endpoints=[endpoint("web", "198.51.100.130")])
     first = plan.compute(desired.compute(Config(), [lan], host()), host())
