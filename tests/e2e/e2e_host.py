@@ -40,8 +40,10 @@ LABEL = "org.macvlan-router.e2e"
 
 # Debian packages the test needs on the machine itself (and docker-cli where it exists:
 # from Debian 13 on, docker.io only recommends its client).
+# git: the boxes get the checkout as `git ls-files` lists it (checkout_tar), and a CI image
+# may have received the checkout without having git itself.
 HOST_PACKAGES = ("debootstrap", "docker.io", "lintian", "systemd", "iproute2", "util-linux",
-                 "xz-utils")
+                 "xz-utils", "git")
 
 # The box has no network: everything the package and the test use must be in the image.
 COMMON_PACKAGES = (
@@ -142,7 +144,7 @@ def wait_until(cond, timeout, interval=0.5, desc=None):
 def missing_host_tools():
     need = {"debootstrap": "/usr/sbin/debootstrap", "dockerd": DOCKERD, "docker": DOCKER_CLI,
             "lintian": "/usr/bin/lintian", "systemd-analyze": "/usr/bin/systemd-analyze",
-            "ip": "/usr/sbin/ip"}
+            "ip": "/usr/sbin/ip", "git": "/usr/bin/git"}
     for tool in ("nsenter", "unshare"):
         need[tool] = shutil.which(tool, path=DEBIAN_PATH) or f"/usr/bin/{tool}"
     return [t for t, p in need.items() if not os.access(p, os.X_OK)]
