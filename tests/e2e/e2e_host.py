@@ -405,19 +405,21 @@ BOX_RUN_FLAGS = (
 )
 
 
-# Capability numbers (linux/capability.h) and the names `docker run --cap-add` takes.
+# Capability numbers (linux/capability.h) and the names `docker run --cap-add` takes: those
+# Docker 20.10 (Debian 12) knows. It rejects the later PERFMON, BPF and CHECKPOINT_RESTORE
+# ("unknown capability"), so the box has them on no release.
 CAPABILITIES = (
     "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
     "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
     "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
     "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
     "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
-    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ", "PERFMON", "BPF", "CHECKPOINT_RESTORE",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
 )
 
 
 def box_capabilities():
-    """--cap-add for every capability a process may have on this machine (its bounding set).
+    """--cap-add for the CAPABILITIES a process may have on this machine (its bounding set).
 
     Not `--cap-add ALL --cap-drop` what the machine withholds (this one withholds
     SYS_RESOURCE): Docker 20.10 (Debian 12) takes ALL as every capability the kernel knows,
