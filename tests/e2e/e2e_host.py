@@ -40,8 +40,10 @@ LABEL = "org.macvlan-router.e2e"
 
 # Debian packages the test needs on the machine itself (and docker-cli where it exists:
 # from Debian 13 on, docker.io only recommends its client).
+# git: the boxes get the checkout as `git ls-files` lists it (checkout_tar), and a CI image
+# may have received the checkout without having git itself.
 HOST_PACKAGES = ("debootstrap", "docker.io", "lintian", "systemd", "iproute2", "util-linux",
-                 "xz-utils")
+                 "xz-utils", "git")
 
 # The box has no network: everything the package and the test use must be in the image.
 COMMON_PACKAGES = (
@@ -142,7 +144,7 @@ def wait_until(cond, timeout, interval=0.5, desc=None):
 def missing_host_tools():
     need = {"debootstrap": "/usr/sbin/debootstrap", "dockerd": DOCKERD, "docker": DOCKER_CLI,
             "lintian": "/usr/bin/lintian", "systemd-analyze": "/usr/bin/systemd-analyze",
-            "ip": "/usr/sbin/ip"}
+            "ip": "/usr/sbin/ip", "git": "/usr/bin/git"}
     for tool in ("nsenter", "unshare"):
         need[tool] = shutil.which(tool, path=DEBIAN_PATH) or f"/usr/bin/{tool}"
     return [t for t, p in need.items() if not os.access(p, os.X_OK)]
@@ -392,7 +394,7 @@ class OuterDocker:
 # --------------------------------------------------------------------------- the systemd box
 
 BOX_RUN_FLAGS = (
-    "--network", "none", "--cap-add", "ALL", "--cap-drop", "SYS_RESOURCE",
+    "--network", "none",
     "--security-opt", "seccomp=unconfined", "--security-opt", "systempaths=unconfined",
     "--tmpfs", "/run", "--tmpfs", "/run/lock",
     "--tmpfs", "/var/lib/docker:rw,exec,size=2g",
@@ -401,6 +403,44 @@ BOX_RUN_FLAGS = (
     "-v", "/sys/fs/cgroup:/sys/fs/cgroup", "-e", "container=docker",
     "--stop-signal", "SIGRTMIN+3",
 )
+
+
+# Capability numbers (linux/capability.h) and the names `docker run --cap-add` takes: those
+# Docker 20.10 (Debian 12) knows. It rejects the later PERFMON, BPF and CHECKPOINT_RESTORE
+# ("unknown capability"), so the box has them on no release.
+CAPABILITIES = (
+    "CHOWN", "DAC_OVERRIDE", "DAC_READ_SEARCH", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID",
+    "SETPCAP", "LINUX_IMMUTABLE", "NET_BIND_SERVICE", "NET_BROADCAST", "NET_ADMIN", "NET_RAW",
+    "IPC_LOCK", "IPC_OWNER", "SYS_MODULE", "SYS_RAWIO", "SYS_CHROOT", "SYS_PTRACE", "SYS_PACCT",
+    "SYS_ADMIN", "SYS_BOOT", "SYS_NICE", "SYS_RESOURCE", "SYS_TIME", "SYS_TTY_CONFIG", "MKNOD",
+    "LEASE", "AUDIT_WRITE", "AUDIT_CONTROL", "SETFCAP", "MAC_OVERRIDE", "MAC_ADMIN", "SYSLOG",
+    "WAKE_ALARM", "BLOCK_SUSPEND", "AUDIT_READ",
+)
+
+
+def box_capabilities():
+    """--cap-add for the CAPABILITIES a process may have on this machine (its bounding set).
+
+    Not `--cap-add ALL --cap-drop` what the machine withholds (this one withholds
+    SYS_RESOURCE): Docker 20.10 (Debian 12) takes ALL as every capability the kernel knows,
+    so runc fails with "unable to apply caps" unless the missing one is dropped, while
+    Docker 26 (Debian 13) refuses that drop ("invalid CapDrop: capability not supported by
+    your kernel or not available in the current environment")."""
+    status = Path("/proc/self/status").read_text()
+    bounding = int(re.search(r"^CapBnd:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    args = []
+    for bit, name in enumerate(CAPABILITIES):
+        if bounding >> bit & 1:
+            args += ["--cap-add", name]
+    return args
+
+
+def unit_dir():
+    """Where the package built on this machine has its systemd units: under /usr when its
+    debhelper has dh_movetousr (Debian 13 on, merged /usr), under /lib before (debian/rules)."""
+    if shutil.which("dh_movetousr", path=DEBIAN_PATH):
+        return "usr/lib/systemd/system"
+    return "lib/systemd/system"
 
 
 class Box:
@@ -414,7 +454,8 @@ class Box:
 
     def start(self, timeout=90):
         self.engine.docker("run", "-d", "--name", self.name, "--hostname", "mvr-e2e",
-                           "--label", LABEL, *BOX_RUN_FLAGS, self.image, "/sbin/init")
+                           "--label", LABEL, *BOX_RUN_FLAGS, *box_capabilities(),
+                           self.image, "/sbin/init")
         # An immediate exec cannot reach the bus: wait for boot to finish.
         state = wait_until(
             lambda: self.sh("timeout 10 systemctl is-system-running --wait",

@@ -100,8 +100,9 @@ def test_lintian_is_clean(built):
 
 
 def test_package_contents(unpacked):
-    for path in ("etc/default/macvlan-router", "lib/systemd/system/macvlan-router.service",
-                 "lib/systemd/system/podman.socket.d/macvlan-router.conf",
+    units = e2e.unit_dir()
+    for path in ("etc/default/macvlan-router", f"{units}/macvlan-router.service",
+                 f"{units}/podman.socket.d/macvlan-router.conf",
                  "etc/iproute2/rt_protos.d/macvlan-router.conf",
                  "usr/lib/NetworkManager/conf.d/macvlan-router.conf",
                  "usr/lib/sysusers.d/macvlan-router.conf",
@@ -130,7 +131,7 @@ def test_man_page_renders_without_warnings(unpacked):
 
 
 def test_systemd_analyze_verify(unpacked):
-    unit = unpacked / "lib/systemd/system/macvlan-router.service"
+    unit = unpacked / e2e.unit_dir() / "macvlan-router.service"
     p = e2e.run(["systemd-analyze", "verify", unit], check=False,
                 env=e2e.debian_env(MANPATH=str(unpacked / "usr/share/man")))
     out = (p.stdout + p.stderr).strip().splitlines()
@@ -142,7 +143,7 @@ def test_systemd_analyze_verify(unpacked):
 
 
 def test_systemd_analyze_security_exposure(unpacked):
-    unit = unpacked / "lib/systemd/system/macvlan-router.service"
+    unit = unpacked / e2e.unit_dir() / "macvlan-router.service"
     p = e2e.run(["systemd-analyze", "security", "--offline=true", "--no-pager", unit],
                 check=False, env=e2e.debian_env())
     m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", p.stdout + p.stderr)

@@ -42,6 +42,10 @@ def run_tests(box, paths, timeout):
     """pytest on `paths` of the checkout in the box; asserts that it passed."""
     if box.sh(f"test -d {SRC}", check=False).returncode != 0:
         box.untar(e2e.checkout_tar(), SRC)
+    # The labs keep their engines' storage under /tmp, and overlay cannot stack on the box's
+    # overlay root (Podman 4.3: "'overlay' is not supported over overlayfs"). Debian 13's
+    # systemd mounts a tmpfs there, as /tmp is on a host's own file system; Debian 12's does not.
+    box.sh("mountpoint -q /tmp || mount -t tmpfs -o mode=1777,nosuid,nodev mvr-tmp /tmp")
     versions = box.sh("python3 -", input=VERSIONS).stdout
     print(f"{box.release.suite}:\n{versions}")
     p = box.sh(f"cd {SRC} && env -i PATH={e2e.DEBIAN_PATH} HOME=/root LC_ALL=C.UTF-8 "
