@@ -16,7 +16,9 @@ the keeper. Podman and every process it starts run in that mount namespace and i
 
 On this machine a container needs `cgroups = "disabled"` (the cgroup v1 net_cls hierarchy
 is read-only) and explicit rlimits (Podman's defaults exceed the hard limits here); the
-events log is a file, since there is no journald. Debian 12's netavark has no DHCP for
+events log and the containers' logs are files: there is no journald here, and where there is
+one (a box, a host with systemd) the private /run hides its socket, so Podman 4.3 logging to it
+fails every `podman run` ("failed to initialize journal"). Debian 12's netavark has no DHCP for
 macvlan networks ("DHCP is not yet supported with netavark").
 
 Namespaces are named `mvrpod-<pid of pytest>-T|P`, apart from the Docker lab's, so both
@@ -46,6 +48,7 @@ COMMAND = ["sh", "-c", "trap 'exit 0' TERM; sleep 600 & wait"]
 CONTAINERS_CONF = """\
 [containers]
 cgroups = "disabled"
+log_driver = "k8s-file"
 default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
 
 [engine]
