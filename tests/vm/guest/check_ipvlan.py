@@ -45,7 +45,7 @@ UDP_PORT = 6868
 
 
 def routed():
-    return g.routes(dev=SHIM).get(f"{C4}/32") == SHIM
+    return g.routed(SHIM, C4)
 
 
 def shim_is_ipvlan_l2():
@@ -56,9 +56,7 @@ def shim_is_ipvlan_l2():
 
 
 def reachable():
-    g.wait_until(lambda: g.ping(C4), g.SETTLE, desc=f"host -> {C4}")
-    g.wait_until(lambda: g.container_ping(C, SHIM4), g.SETTLE, desc=f"{C} -> {SHIM4}")
-    g.wait_until(lambda: g.container_ping(C, HOST4), g.SETTLE, desc=f"{C} -> {HOST4}")
+    return g.reach_both_ways(C, (C4,), (SHIM4, HOST4))
 
 
 def route_source():
@@ -103,8 +101,7 @@ def setup(r):
                                f"want {SHIM4} only (and the kernel's link-local one)")
         c.detail = f"{SHIM}: ipvlan mode l2 on {PARENT}, {SHIM4}/32, route src {SHIM4}"
     with r.check("ipvlan-reach-both-ways") as c:
-        reachable()
-        c.detail = f"host -> {C4}; {C} -> {SHIM4}, {HOST4}"
+        c.detail = reachable()
 
 
 def bound_socket_gets(dev):
@@ -185,8 +182,7 @@ def after_reboot(r):
                      desc=f"{SHIM} (ipvlan l2) and the route to {C4}")
         c.detail = g.route_added_this_boot(C4)
     with r.check("ipvlan-reach-both-ways-after-reboot") as c:
-        reachable()
-        c.detail = f"host -> {C4}; {C} -> {SHIM4}, {HOST4}"
+        c.detail = reachable()
 
 
 def boot1(r):

@@ -40,15 +40,11 @@ NETWORKD_ACTIONS = {
 
 
 def routed():
-    r = g.routes(dev=SHIM)
-    return f"{C4}/32" in r and f"{C6}/128" in r
+    return g.routed(SHIM, C4, C6)
 
 
 def reachable():
-    """Host -> container (v4, v6) and container -> host (v4), within SETTLE."""
-    g.wait_until(lambda: g.ping(C4), g.SETTLE, desc=f"host -> {C4}")
-    g.wait_until(lambda: g.ping(C6), g.SETTLE, desc=f"host -> {C6}")
-    g.wait_until(lambda: g.container_ping(C, HOST4), g.SETTLE, desc=f"{C} -> {HOST4}")
+    return g.reach_both_ways(C, (C4, C6), (HOST4,))
 
 
 def repaired_after(t0, what):
@@ -72,8 +68,7 @@ def setup(r):
         g.wait_until(routed, g.SETTLE, desc=f"routes to {C4} and {C6} via {SHIM}")
         c.detail = f"{C4} and {C6} via {SHIM} {time.monotonic() - t0:.1f}s after docker run"
     with r.check("reach-both-ways") as c:
-        reachable()
-        c.detail = f"host -> {C4}, {C6}; {C} -> {HOST4}"
+        c.detail = reachable()
 
 
 def docker_restart(r):
@@ -206,17 +201,8 @@ def boot_order(r):
 
 
 def after_reboot(r):
-    with r.check("routes-back-after-reboot") as c:
-        g.wait_until(routed, g.SETTLE, desc=f"routes to {C4} and {C6} via {SHIM}")
-        c.detail = g.route_added_this_boot(C4)
-    with r.check("reach-both-ways-after-reboot") as c:
-        reachable()
-        c.detail = f"host -> {C4}, {C6}; {C} -> {HOST4}"
-    with r.check("shim-unmanaged-after-reboot") as c:
-        state = shim_state()
-        if "unmanaged" not in state:
-            raise g.CheckError(f"networkctl list {SHIM}: {state}")
-        c.detail = f"{SHIM}: {state}"
+    g.back_after_reboot(r, "", routed, reachable, C4, f"{C4} and {C6} via {SHIM}",
+                        lambda: f"networkctl list {SHIM}: {shim_state()}")
 
 
 def boot1(r):

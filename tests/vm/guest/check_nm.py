@@ -73,14 +73,11 @@ RECONNECTS = {
 
 
 def routed():
-    r = g.routes(dev=SHIM)
-    return f"{C4}/32" in r and f"{C6}/128" in r
+    return g.routed(SHIM, C4, C6)
 
 
 def reachable():
-    g.wait_until(lambda: g.ping(C4), g.SETTLE, desc=f"host -> {C4}")
-    g.wait_until(lambda: g.ping(C6), g.SETTLE, desc=f"host -> {C6}")
-    g.wait_until(lambda: g.container_ping(C, HOST4), g.SETTLE, desc=f"{C} -> {HOST4}")
+    return g.reach_both_ways(C, (C4, C6), (HOST4,))
 
 
 def nm_state(dev):
@@ -263,8 +260,7 @@ def setup(r):
                      desc=f"NM to list {SHIM} as unmanaged")
         c.detail = f"nmcli: {SHIM} {nm_state(SHIM)}"
     with r.check("nm-reach-both-ways") as c:
-        reachable()
-        c.detail = f"host -> {C4}, {C6}; {C} -> {HOST4}"
+        c.detail = reachable()
 
 
 def after_reboot(r):
@@ -272,17 +268,8 @@ def after_reboot(r):
         g.wait_until(lambda: nm_state(PARENT).startswith("100"), g.SETTLE,
                      desc=f"NM to connect {PARENT}")
         c.detail = nm_manages_only_parent()
-    with r.check("nm-routes-back-after-reboot") as c:
-        g.wait_until(routed, g.SETTLE, desc=f"routes to {C4} and {C6} via {SHIM}")
-        c.detail = g.route_added_this_boot(C4)
-    with r.check("nm-reach-both-ways-after-reboot") as c:
-        reachable()
-        c.detail = f"host -> {C4}, {C6}; {C} -> {HOST4}"
-    with r.check("nm-shim-unmanaged-after-reboot") as c:
-        state = nm_state(SHIM)
-        if "unmanaged" not in state:
-            raise g.CheckError(f"nmcli device show {SHIM}: {state}")
-        c.detail = f"nmcli: {SHIM} {state}"
+    g.back_after_reboot(r, "nm-", routed, reachable, C4, f"{C4} and {C6} via {SHIM}",
+                        lambda: f"nmcli device show {SHIM}: {nm_state(SHIM)}")
 
 
 def boot1(r):

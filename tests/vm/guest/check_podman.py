@@ -52,13 +52,8 @@ def shim(net):
     return g.SHIM_PREFIX + NETS[net][1]
 
 
-def dst(addr):
-    return f"{addr}/128" if ":" in addr else f"{addr}/32"
-
-
 def routed(net):
-    r = g.routes(dev=shim(net))
-    return all(dst(a) in r for a in NETS[net][5])
+    return g.routed(shim(net), *NETS[net][5])
 
 
 def podman(*args, check=True, timeout=g.SETTLE):
@@ -73,11 +68,7 @@ def pod_ping(container, addr, timeout=2):
 
 def reachable(net):
     _, _, _, _, c, addrs, hosts = NETS[net]
-    for a in addrs:
-        g.wait_until(lambda: g.ping(a), g.SETTLE, desc=f"host -> {a}")
-    for h in hosts:
-        g.wait_until(lambda: pod_ping(c, h), g.SETTLE, desc=f"{c} -> {h}")
-    return f"host -> {', '.join(addrs)}; {c} -> {', '.join(hosts)}"
+    return g.reach_both_ways(c, addrs, hosts, pod_ping)
 
 
 def kind(net):
@@ -148,7 +139,7 @@ def on_podman(r):
             t1 = time.monotonic()
             g.wait_until(lambda: routed(net), g.SETTLE,
                          desc=f"routes to {', '.join(addrs)} via {shim(net)}")
-            c.detail = (f"{', '.join(map(dst, addrs))} via {shim(net)} "
+            c.detail = (f"{', '.join(map(g.host_prefix, addrs))} via {shim(net)} "
                         f"{time.monotonic() - t1:.1f}s after podman run returned "
                         f"({t1 - t0:.1f}s)")
         with r.check(f"{net}-shim-kind") as c:
@@ -191,7 +182,8 @@ def leftovers():
     """Raises if a Podman network's shim or route is there; says what is not."""
     found = {shim(n): g.link(shim(n)) is not None for n in NETS}
     ours = g.routes()
-    found.update({dst(a): dst(a) in ours for n in NETS for a in NETS[n][5]})
+    found.update({g.host_prefix(a): g.host_prefix(a) in ours
+                  for n in NETS for a in NETS[n][5]})
     there = [k for k, v in found.items() if v]
     if there:
         raise g.CheckError(f"still there: {there}")

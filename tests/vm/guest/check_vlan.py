@@ -47,13 +47,12 @@ def shim(parent):
 
 def routed(net):
     parent, _, _, _, _, ip = NETS[net]
-    return f"{ip}/32" in g.routes(dev=shim(parent))
+    return g.routed(shim(parent), ip)
 
 
 def reachable(net):
     _, _, _, host, c, ip = NETS[net]
-    g.wait_until(lambda: g.ping(ip), g.SETTLE, desc=f"host -> {ip}")
-    g.wait_until(lambda: g.container_ping(c, host), g.SETTLE, desc=f"{c} -> {host}")
+    return g.reach_both_ways(c, (ip,), (host,))
 
 
 def user_link_state():

@@ -202,6 +202,43 @@ def routes(dev=None, proto=PROTO):
     return out
 
 
+def host_prefix(addr):
+    return f"{addr}/128" if ":" in addr else f"{addr}/32"
+
+
+def routed(shim, *addrs):
+    """Every one of addrs has its host route via shim."""
+    have = routes(dev=shim)
+    return all(have.get(host_prefix(a)) == shim for a in addrs)
+
+
+def reach_both_ways(container, addrs, host_addrs, pinger=None):
+    """The host pings addrs, the container host_addrs (`pinger(container, addr)`, docker
+    exec's ping by default), each within SETTLE; returns what was proven."""
+    pinger = pinger or container_ping
+    for a in addrs:
+        wait_until(lambda: ping(a), SETTLE, desc=f"host -> {a}")
+    for h in host_addrs:
+        wait_until(lambda: pinger(container, h), SETTLE, desc=f"{container} -> {h}")
+    return f"host -> {', '.join(addrs)}; {container} -> {', '.join(host_addrs)}"
+
+
+def back_after_reboot(r, prefix, routed, reachable, first, what, manager_says):
+    """The checks `{prefix}routes-back-after-reboot` (`routed()` within SETTLE; `first`: the
+    address whose route must be this boot's), `{prefix}reach-both-ways-after-reboot` and
+    `{prefix}shim-unmanaged-after-reboot` (`manager_says()`: the network manager's word on
+    the shim)."""
+    with r.check(f"{prefix}routes-back-after-reboot") as c:
+        wait_until(routed, SETTLE, desc=f"routes to {what}")
+        c.detail = route_added_this_boot(first)
+    with r.check(f"{prefix}reach-both-ways-after-reboot") as c:
+        c.detail = reachable()
+    with r.check(f"{prefix}shim-unmanaged-after-reboot") as c:
+        c.detail = manager_says()
+        if "unmanaged" not in c.detail:
+            raise CheckError(c.detail)
+
+
 def addresses(dev):
     p = run("ip", "-j", "addr", "show", "dev", dev, check=False)
     if p.returncode != 0 or not p.stdout.strip():
