@@ -180,28 +180,41 @@ class FloorWatch(Stamps):
         self.stream.close()
 
 
-def timeline(log_text):
-    """The daemon's own stages per connect and disconnect, from its debug log: its
-    Docker reads (the inspect and its translation), the plan, and applying it (the
-    netlink request, its answer and the log line)."""
-    stages = {"connect": [], "disconnect": []}
-    reads, kind = None, None
+def timeline(log_text, samples):
+    """Where each connect's and disconnect's latency went, from the daemon's debug log and
+    the bench's own stamps (`samples`: (kind, address, event timeNano, route stamp) in
+    order): from the event to the daemon's read of Docker (the engine's delivery and the
+    wake of the daemon's main loop), the read (the inspect and its translation), the plan,
+    and from the start of the apply to the kernel's notification of the route."""
+    applies = {"connect": [], "disconnect": []}
+    reads, dst = None, None
     for line in log_text.splitlines():
         if " reads took " in line:
-            reads, kind = float(line.split(" reads took ")[1].split()[0]), None
-        elif " ip route replace " in line:
-            kind = "connect"
-        elif " ip route del " in line:
-            kind = "disconnect"
+            words = line.split(" reads took ")[1].split()
+            reads, dst = (float(words[0]), float(words[4].rstrip(")"))), None
+        elif " ip route replace " in line or " ip route del " in line:
+            words = line.split(" ip route ")[1].split()
+            dst = ("connect" if words[0] == "replace" else "disconnect", words[1].split("/")[0])
         elif "reconcile planned in " in line:
             words = line.split("reconcile planned in ")[1].split()
-            if kind and reads is not None and words[3] == "1":
-                stages[kind].append((reads, float(words[0]), float(words[6])))
-            reads, kind = None, None
+            if dst and reads is not None and words[3] == "1":
+                applies[dst[0]].append((dst[1], reads, float(words[0]),
+                                        float(words[10].rstrip(")"))))
+            reads, dst = None, None
+    stages = {"connect": [], "disconnect": []}
+    for kind, rows in applies.items():
+        ours = [s for s in samples if s[0] == kind]
+        for (address, (read_ms, read_at), plan_ms, apply_at), (_, want, event, route) in \
+                zip(rows, ours):
+            if address == want:
+                stages[kind].append((read_at * 1e3 - event / 1e6, read_ms, plan_ms,
+                                     route / 1e6 - apply_at * 1e3))
+    names = ("event -> the daemon's read begins (delivery, wake)", "the daemon's read",
+             "the daemon's plan", "apply begins -> route notified")
     for kind, rows in stages.items():
         if rows:
-            for name, values in zip(("Docker reads", "plan", "apply"), zip(*rows)):
-                show(f"[timeline] {kind}: the daemon's {name}", list(values))
+            for name, values in zip(names, zip(*rows)):
+                show(f"[timeline] {kind}: {name}", list(values))
 
 
 def percentile(values, fraction):
@@ -270,19 +283,21 @@ def latency(client, networks, routes, events, floor, count, label, starter):
     """Containers started and removed one at a time by `starter`, round robin over
     `networks`: event -> route latencies, and the floor for the same connect events
     (`floor` None: none measured)."""
-    connect, disconnect, floors = [], [], []
+    connect, disconnect, floors, samples = [], [], [], []
     del events.delivery[:]
     for i in range(count):
         network = networks[i % len(networks)]
         cid = starter.run(network, f"lat{label.split()[0]}-{len(networks)}-{i}")
         ip = container_ip(client, cid, network)
-        added = routes.wait(("add", ip))
-        connect.append((added - events.wait(("connect", cid))) / 1e6)
+        added, event = routes.wait(("add", ip)), events.wait(("connect", cid))
+        connect.append((added - event) / 1e6)
+        samples.append(("connect", ip, event, added))
         if floor is not None:
             floors.append(floor.wait(cid))
         starter.remove(cid)
-        gone = routes.wait(("del", ip))
-        disconnect.append((gone - events.wait(("disconnect", cid))) / 1e6)
+        gone, event = routes.wait(("del", ip)), events.wait(("disconnect", cid))
+        disconnect.append((gone - event) / 1e6)
+        samples.append(("disconnect", ip, event, gone))
     if floors:
         show(f"[{label}] floor: connect event -> inspect_network answered", floors)
     show(f"[{label}] connect event -> route present", connect)
@@ -292,6 +307,7 @@ def latency(client, networks, routes, events, floor, count, label, starter):
     if floors:
         print(f"[{label}] p50 connect / p50 floor = "
               f"{statistics.median(connect) / statistics.median(floors):.2f}", flush=True)
+    return samples
 
 
 class DockerRun:
@@ -467,8 +483,9 @@ def main():
                         help="stop after the one-at-a-time figures on one network (always "
                         "so for podman)")
     parser.add_argument("--timeline", action="store_true",
-                        help="with --latency-only: the daemon logs at debug level, and its "
-                        "own stages are printed from that log (the logging costs a little)")
+                        help="with --latency-only: the daemon logs at debug level, and each "
+                        "latency is split into stages from that log and the bench's own "
+                        "stamps (the logging costs a little)")
     parser.add_argument("--pure", type=int, metavar="ENDPOINTS",
                         help="only the micro-benchmark without Docker, at this many endpoints")
     args = parser.parse_args()
@@ -491,10 +508,11 @@ def main():
         starter = (PodmanRun if podman else DockerRun)(lab)
         if podman or args.latency_only:
             floor = None if podman else FloorWatch(lab.engine)
-            latency(client, [lab.engine.network("bench", parent="lan0")], routes, events,
-                    floor, args.containers, "0 containers, 1 network", starter)
+            samples = latency(client, [lab.engine.network("bench", parent="lan0")], routes,
+                              events, floor, args.containers, "0 containers, 1 network",
+                              starter)
             if args.timeline:
-                timeline(daemon.stderr)
+                timeline(daemon.stderr, samples)
             for watch in (routes, events, floor):
                 if watch is not None:
                     watch.close()
