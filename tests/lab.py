@@ -370,6 +370,8 @@ class Lab:
                 run(["ip", "-n", self.P, "link", "del", lan["peer"]], check=False)
                 self.add_lan(lan)
             else:
+                # Only the baseline addresses: a test may have moved the host's.
+                run(["ip", "-n", self.T, "addr", "flush", "dev", name, "scope", "global"])
                 self.configure_lan(lan)
         for fam in (4, 6):
             for r in self.routes(fam):

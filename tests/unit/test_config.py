@@ -155,8 +155,16 @@ def test_parser_never_raises(text):
     assert all(problem.startswith("f, line ") for problem in parsed.problems)
 
 
+# Without what systemd's utf8_is_valid() refuses, and the parser with it: the
+# noncharacters U+FDD0-U+FDEF and U+xFFFE, U+xFFFF (hypothesis found U+FFFE).
 safe_text = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs"),
-                                           blacklist_characters="\\\"'"), max_size=30)
+                                           blacklist_characters="\\\"'").filter(
+    lambda c: not (0xFDD0 <= ord(c) <= 0xFDEF or ord(c) & 0xFFFE == 0xFFFE)), max_size=30)
+
+
+def test_a_noncharacter_in_a_value_is_refused_as_systemd_refuses_it():
+    for text in ("\ufffe", "\ufdd0", "\U0001ffff"):
+        assert config.parse_environment_file(f"KEY='{text}'\nB=1\n", "f").values == {"B": "1"}
 
 
 @given(value=safe_text)
